@@ -1,0 +1,49 @@
+# The two README commands (`make demo`, `make test`) set themselves up on first use:
+# a .venv with torch pinned and installed first, then the locked dependencies.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+TORCH_VERSION := 2.13.0
+# Another CUDA build of the same torch: make TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 demo
+TORCH_INDEX_URL ?=
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export LAV2_ROOT := $(CURDIR)
+include src/llama_adapter_v2/offline.env
+export $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p' src/llama_adapter_v2/offline.env)
+
+# pip's local-mirror set-up prints one harmless warning per package; keep the log readable.
+QUIET_PIP := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+
+.PHONY: help setup demo test lint bench clean-venv
+
+help:
+	@echo "make demo   - the whole pipeline on the demo config (sets up .venv on first use)"
+	@echo "make test   - lint and the test suite (sets up .venv on first use)"
+	@echo "make lint   - ruff"
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(QUIET_PIP)
+	$(BIN)/pip install -q -c requirements/lock.txt -e '.[dev]' $(QUIET_PIP)
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lav2 config check configs/demo.yaml
+	@echo "Not built yet: data preparation, training, evaluation, registry and the Prefect pipeline."
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests flows
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests flows
+	$(BIN)/pytest
+
+clean-venv:
+	rm -rf $(VENV)

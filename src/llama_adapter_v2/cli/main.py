@@ -1,0 +1,29 @@
+"""Entry point of ``lav2``.
+
+Only typer and the config layer are imported at module level, so ``lav2 --help`` and
+``lav2 config ...`` stay fast; commands that need torch import it when they run.
+"""
+
+from __future__ import annotations
+
+import typer
+
+import llama_adapter_v2  # noqa: F401 - applies the offline environment first
+from llama_adapter_v2.cli import config_cmd
+
+app = typer.Typer(
+    name="lav2",
+    help="LLaMA-Adapter V2: visual instruction tuning on a frozen Llama and CLIP tower.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(config_cmd.app, name="config")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
