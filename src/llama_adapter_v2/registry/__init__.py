@@ -1,0 +1,9 @@
+"""MLflow model registry: register each trained adapter as a pyfunc, promote it behind a gate.
+
+Imports mlflow lazily inside functions so ``import llama_adapter_v2.registry`` stays light.
+"""
+
+from llama_adapter_v2.registry.promote import PromotionDecision, promote
+from llama_adapter_v2.registry.register import RegisteredVersion, register
+
+__all__ = ["PromotionDecision", "RegisteredVersion", "promote", "register"]

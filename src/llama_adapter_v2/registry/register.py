@@ -1,0 +1,137 @@
+"""Register a trained adapter as a new version of the configured registered model.
+
+The model is an MLflow pyfunc logged *from code* (``pyfunc_model.py``): loading it executes that
+file instead of unpickling objects. It carries the adapter folder as an artifact and names the
+frozen base and CLIP tower by path and identity, so a version cannot silently load onto a
+different base. Versions are created with ``MlflowClient.create_model_version`` on the logged
+model's URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llama_adapter_v2.config import Config
+from llama_adapter_v2.environment import project_root
+from llama_adapter_v2.registry import provenance
+from llama_adapter_v2.registry.tracking import ensure_experiment, use_tracking
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_NAME_IN_RUN = "model"
+TAG_EVALUATION = "evaluation"  # passed | failed | missing
+METRIC_TAG_PREFIX = "metric."
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    evaluation: str
+
+
+def component_identity(path: Path | None, arch: object) -> str:
+    """A folder's content hash, or for a tower built from ``arch`` the hash of that architecture."""
+    if path is not None and path.is_dir():
+        return "sha256:" + provenance.folder_identity(path)
+    arch_json = json.dumps(getattr(arch, "model_dump", dict)(mode="json"), sort_keys=True)
+    return "arch-sha256:" + hashlib.sha256(arch_json.encode()).hexdigest()
+
+
+def model_identity(cfg: Config) -> dict[str, str]:
+    base, vision = cfg.model.base, cfg.model.vision
+    return {
+        "base_path": str(base.path or ""),
+        "base_identity": component_identity(base.path, base.arch),
+        "vision_path": str(vision.path or ""),
+        "vision_identity": component_identity(vision.path, vision.arch),
+    }
+
+
+def evaluation_status(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "missing"
+    return "passed" if all(math.isfinite(value) for value in metrics.values()) else "failed"
+
+
+def _signature() -> object:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "image"),
+        ColSpec("string", "instruction"),
+        ColSpec("string", "history", required=False),
+    ])
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", 32)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "answer")]), params=params)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "mlflow", "pillow", "pandas")]
+
+
+def version_tags(cfg: Config, metrics: dict[str, float] | None) -> dict[str, str]:
+    root = project_root()
+    tags = {
+        "git_commit": provenance.git_commit(root),
+        "data_hash": provenance.data_hash(root),
+        "config": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+        "config_digest": provenance.config_digest(cfg),
+        TAG_EVALUATION: evaluation_status(metrics),
+        **model_identity(cfg),
+    }
+    tags.update({f"{METRIC_TAG_PREFIX}{key}": repr(float(value)) for key, value in (metrics or {}).items()})
+    return tags
+
+
+def register(
+    cfg: Config, run_id: str, adapter_dir: Path, metrics: dict[str, float] | None
+) -> RegisteredVersion:
+    """Log the adapter as a pyfunc into ``run_id`` and make it a new version of the registered model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter_dir} not found: train first")
+    client = use_tracking(cfg)
+    ensure_experiment(cfg)
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the signature is explicit; an input example would make MLflow load and run the model here
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(PYFUNC_CODE),
+            artifacts={"adapter": str(adapter_dir)},
+            model_config={"config": provenance.config_json(cfg), **model_identity(cfg)},
+            signature=_signature(),
+            pip_requirements=_pip_requirements(),
+        )
+        for key, value in (metrics or {}).items():
+            mlflow.log_metric(f"eval_{key}", float(value))
+    try:
+        client.get_registered_model(cfg.tracking.registered_model)
+    except MlflowException:
+        client.create_registered_model(cfg.tracking.registered_model)
+    tags = version_tags(cfg, metrics)
+    version = client.create_model_version(
+        cfg.tracking.registered_model, source=info.model_uri, run_id=run_id, tags=tags
+    )
+    return RegisteredVersion(
+        name=version.name,
+        version=str(version.version),
+        run_id=run_id,
+        model_uri=f"models:/{version.name}/{version.version}",
+        evaluation=tags[TAG_EVALUATION],
+    )

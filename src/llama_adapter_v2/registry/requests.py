@@ -1,0 +1,98 @@
+"""Checks on one serving request row, before any tensor is made.
+
+Every failure is a ``RequestError`` naming the field and the rule, so the pyfunc can turn it into
+an HTTP 400 with that message instead of a 500 with a stack trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from llama_adapter_v2.config.schema import ValidationConfig
+
+DATA_URL_PREFIX = "data:image/"
+ROLES = {"user", "assistant"}
+
+
+class RequestError(ValueError):
+    """A malformed request: the message names the field and the broken rule."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_side: int
+    max_pixels: int
+
+    @classmethod
+    def from_validation(cls, rules: ValidationConfig, max_bytes: int = 10 * 1024 * 1024) -> ImageLimits:
+        return cls(max_bytes=max_bytes, max_side=rules.image_max_side, max_pixels=rules.max_image_pixels)
+
+
+def _image_bytes(value: str, limits: ImageLimits) -> bytes:
+    path = Path(value) if len(value) < 4096 and not value.startswith(DATA_URL_PREFIX) else None
+    if path is not None and path.is_file():
+        if path.stat().st_size > limits.max_bytes:
+            raise RequestError(f"image: file {path} is larger than {limits.max_bytes} bytes")
+        return path.read_bytes()
+    encoded = value.split(",", 1)[1] if value.startswith(DATA_URL_PREFIX) else value
+    if len(encoded) * 3 // 4 > limits.max_bytes:
+        raise RequestError(f"image: base64 payload is larger than {limits.max_bytes} bytes")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("image: neither an existing file path nor valid base64") from None
+
+
+def decode_image(value: object, limits: ImageLimits) -> Image.Image:
+    """An RGB image from a file path or base64 (plain or a data URL), within the size limits."""
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("image: missing (give a file path or base64-encoded image bytes)")
+    raw = _image_bytes(value.strip(), limits)
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only: size is known before decoding
+    except (UnidentifiedImageError, OSError):
+        raise RequestError("image: bytes are not a readable image (PNG, JPEG, ...)") from None
+    width, height = image.size
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise RequestError(
+            f"image: {width}x{height} exceeds the limits (side <= {limits.max_side}, "
+            f"pixels <= {limits.max_pixels})"
+        )
+    try:
+        return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as err:
+        raise RequestError(f"image: cannot be decoded ({err})") from None
+
+
+def check_instruction(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("instruction: must be a non-empty string")
+    return value.strip()
+
+
+def parse_history(value: object) -> list[tuple[str, str]]:
+    """Earlier turns as (role, text): a JSON list of {"role": "user"|"assistant", "content": str}."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return []
+    try:
+        turns = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as err:
+        raise RequestError(f"history: not valid JSON ({err.msg})") from None
+    if not isinstance(turns, list):
+        raise RequestError("history: must be a JSON list of {role, content} turns")
+    parsed = []
+    for index, turn in enumerate(turns):
+        well_formed = isinstance(turn, dict) and isinstance(turn.get("content"), str)
+        if not well_formed or turn.get("role") not in ROLES:
+            raise RequestError(f"history[{index}]: needs role in {sorted(ROLES)} and a string content")
+        parsed.append((turn["role"], turn["content"]))
+    return parsed

@@ -1,0 +1,119 @@
+"""Registry on a real sqlite MLflow store: versions, provenance tags, gated promotion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llama_adapter_v2.config import Config, load_config
+from llama_adapter_v2.registry import promote, register
+from llama_adapter_v2.registry.promote import beats
+from llama_adapter_v2.registry.tracking import ensure_experiment, use_tracking
+
+
+@pytest.fixture(scope="module")
+def store_cfg(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Config:
+    store = tmp_path_factory.mktemp("mlflow")
+    return load_config(
+        repo_root / "configs" / "demo.yaml",
+        [f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_root={store}/artifacts",
+         "tracking.registered_model=registry-test", "tracking.promotion.margin=0.125"],
+    )
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A safetensors adapter file: promotion reads tags only, never the weights."""
+    folder = tmp_path_factory.mktemp("adapter")
+    save_file({"gate": torch.zeros(4)}, str(folder / "adapter.safetensors"))
+    return folder
+
+
+def _new_version(cfg: Config, adapter_dir: Path, metrics: dict[str, float] | None) -> str:
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=ensure_experiment(cfg))
+    with mlflow.start_run() as run:
+        pass
+    return register(cfg, run.info.run_id, adapter_dir, metrics).version
+
+
+def _champion(cfg: Config) -> str:
+    client = use_tracking(cfg)
+    return str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version)
+
+
+def test_gate_is_strict_and_respects_direction() -> None:
+    assert beats(0.75, 0.5, margin=0.125, greater_is_better=True)
+    assert not beats(0.625, 0.5, margin=0.125, greater_is_better=True)  # equal to the margin: not better
+    assert not beats(0.375, 0.5, margin=0.0, greater_is_better=True)
+    assert beats(0.25, 0.5, margin=0.125, greater_is_better=False)
+    assert not beats(0.50, 0.50, margin=0.0, greater_is_better=False)
+
+
+def test_version_records_provenance_and_metrics(
+    store_cfg: Config, adapter_dir: Path, repo_root: Path
+) -> None:
+    version = _new_version(store_cfg, adapter_dir, {"caption_cider": 0.25, "caption_bleu_4": 0.125})
+    client = use_tracking(store_cfg)
+    found = client.get_model_version(store_cfg.tracking.registered_model, version)
+    assert found.tags["metric.caption_cider"] == "0.25"
+    assert found.tags["metric.caption_bleu_4"] == "0.125"
+    assert found.tags["evaluation"] == "passed"
+    assert len(found.tags["git_commit"].removesuffix("-dirty")) == 40
+    expected_hash = "untracked"
+    if (repo_root / "data.dvc").is_file():
+        expected_hash = (repo_root / "data.dvc").read_text().split("md5: ")[1].split()[0]
+    assert found.tags["data_hash"] == expected_hash
+    assert "registered_model: registry-test" in found.tags["config"]
+    assert found.tags["base_path"] == str(store_cfg.model.base.path)
+    assert found.source.startswith("models:/m-")  # the logged pyfunc, not a bare artifact folder
+    model_files = Path(client.download_artifacts(found.run_id, "", dst_path=str(adapter_dir.parent)))
+    assert model_files.exists()
+
+
+def test_promotion_gate_on_real_store(store_cfg: Config, adapter_dir: Path) -> None:
+    first = _new_version(store_cfg, adapter_dir, {"caption_cider": 0.50})
+    decision = promote(store_cfg, first)
+    assert decision.outcome == "promoted"
+    assert _champion(store_cfg) == first
+
+    worse = _new_version(store_cfg, adapter_dir, {"caption_cider": 0.375})
+    assert promote(store_cfg, worse).outcome == "kept"
+    within_margin = _new_version(store_cfg, adapter_dir, {"caption_cider": 0.625})
+    assert promote(store_cfg, within_margin).outcome == "kept"
+    assert _champion(store_cfg) == first
+
+    better = _new_version(store_cfg, adapter_dir, {"caption_cider": 0.75})
+    decision = promote(store_cfg, better)
+    assert decision.outcome == "promoted"
+    numbers = (decision.champion_version, decision.champion_value, decision.challenger_value)
+    assert numbers == (first, 0.5, 0.75)
+    assert _champion(store_cfg) == better
+
+    tags = use_tracking(store_cfg).get_model_version(store_cfg.tracking.registered_model, worse).tags
+    assert tags["promotion.outcome"] == "kept"
+    assert tags["promotion.challenger_value"] == "0.375"
+    assert tags["promotion.champion_value"] == "0.5"
+    assert tags["promotion.champion_version"] == first
+    assert tags["promotion.margin"] == "0.125"
+
+
+def test_unevaluated_and_failed_versions_are_refused(store_cfg: Config, adapter_dir: Path) -> None:
+    champion_before = _new_version(store_cfg, adapter_dir, {"caption_cider": 0.9})
+    promote(store_cfg, champion_before)
+    champion_before = _champion(store_cfg)
+    unevaluated = _new_version(store_cfg, adapter_dir, None)
+    failed = _new_version(store_cfg, adapter_dir, {"caption_cider": float("nan")})
+    other_metric_only = _new_version(store_cfg, adapter_dir, {"caption_bleu_4": 99.0})
+    for version, why in ((unevaluated, "evaluation is missing"), (failed, "evaluation is failed"),
+                         (other_metric_only, "metric caption_cider is None")):
+        decision = promote(store_cfg, version)
+        assert decision.outcome == "refused"
+        assert decision.reason.startswith(why)
+        tags = use_tracking(store_cfg).get_model_version(store_cfg.tracking.registered_model, version).tags
+        assert tags["promotion.outcome"] == "refused"
+    assert _champion(store_cfg) == champion_before
