@@ -50,3 +50,36 @@ def real_data() -> Path:
     if not SHARED_REAL.is_dir():
         pytest.skip(f"real-data kit not found at {SHARED_REAL} (it lives in ../shared beside the clone)")
     return SHARED_REAL
+
+
+@pytest.fixture(scope="session")
+def demo_data_config(tmp_path_factory: pytest.TempPathFactory):
+    """configs/demo.yaml with the demo data generated into a temp folder (and work_dir there too)."""
+    from llama_adapter_v2.config import load_config
+    from llama_adapter_v2.data.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("demo-data")
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    for source in cfg.data.captions:
+        source.annotations = root / source.annotations.relative_to(REPO)
+        source.images = root / source.images.relative_to(REPO)
+    for source in cfg.data.instructions:
+        source.path = root / source.path.relative_to(REPO)
+        if source.image_root is not None:
+            source.image_root = root / source.image_root.relative_to(REPO)
+    cfg.data.work_dir = root / "artifacts" / "data"
+    generate_demo(cfg.data)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_data_config, tmp_path_factory: pytest.TempPathFactory):
+    """A 512-token BPE trained on the demo data's rendered texts (as the demo base stage does)."""
+    from llama_adapter_v2.data.formatting import segments
+    from llama_adapter_v2.data.readers import read_coco, read_instructions
+    from llama_adapter_v2.data.tokenizer import train_tokenizer
+
+    raw = [r for s in demo_data_config.data.captions for r in read_coco(s)]
+    raw += [r for s in demo_data_config.data.instructions for r in read_instructions(s)]
+    texts = ["".join(text for text, _ in segments(r.to_record())) for r in raw]
+    return train_tokenizer(texts, 512, tmp_path_factory.mktemp("demo-tokenizer"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 import llama_adapter_v2  # noqa: F401 - applies the offline environment first
-from llama_adapter_v2.cli import config_cmd
+from llama_adapter_v2.cli import config_cmd, data_cmd
 
 app = typer.Typer(
     name="lav2",
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(data_cmd.app, name="data")
 
 
 def main() -> None:
