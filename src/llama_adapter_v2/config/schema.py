@@ -212,6 +212,11 @@ class ValidationConfig(Strict):
     image_max_side: PositiveInt = 8192
     max_image_pixels: PositiveInt = 40_000_000
     max_tokens: PositiveInt = 512
+    tokenizer: Path | None = Field(
+        default=None,
+        description="folder of the tokenizer that counts tokens; None: UTF-8 bytes + 2, an upper bound "
+        "for byte-level BPE and byte-fallback SentencePiece",
+    )
 
     @model_validator(mode="after")
     def _ordered_bounds(self) -> ValidationConfig:
@@ -274,6 +279,17 @@ class DistributedConfig(Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
+class DemoBaseTraining(Strict):
+    """The demo-only stage that trains the tiny frozen base LM (and its tokenizer) on the demo text."""
+
+    steps: PositiveInt = 400
+    batch_size: PositiveInt = 16
+    lr: Annotated[float, Field(gt=0)] = 3e-3
+    warmup_steps: NonNegativeInt = 20
+    max_tokens: PositiveInt = 128
+    seed: int = 0
+
+
 class TrainingConfig(Strict):
     schedule: Literal["joint", "two_phase"] = "joint"
     trainable: Literal["disjoint", "all"] = Field(
@@ -301,6 +317,7 @@ class TrainingConfig(Strict):
     eval_every_steps: PositiveInt = 100
     log_every_steps: PositiveInt = 10
     output_dir: Path = Path("artifacts/train")
+    demo_base: DemoBaseTraining = Field(default_factory=DemoBaseTraining)
 
 
 # --------------------------------------------------------------------------- tracking
@@ -318,6 +335,7 @@ class TrackingConfig(Strict):
     artifact_root: Path | None = Field(default=None, description="None: <root>/mlruns/artifacts")
     experiment: str = "llama-adapter-v2"
     registered_model: str = "llama-adapter-v2"
+    enabled: bool = Field(default=True, description="false: no MLflow at all (tests, overhead benchmark)")
     system_metrics: bool = True
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 

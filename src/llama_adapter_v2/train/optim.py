@@ -1,0 +1,163 @@
+"""One AdamW per parameter group, each with its own warm-up + half-cosine schedule.
+
+The visual and language groups are trained on different data (METHOD.md section 4), so each
+has its own optimizer, learning rate, weight decay and step counter: a caption step advances
+only the visual schedule. Defaults follow the released code (METHOD.md section 5): betas
+(0.9, 0.95), no weight decay on biases and 1-D parameters, lr = base_lr * batch / 256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llama_adapter_v2.config.schema import GroupOptimConfig, TrainingConfig
+
+NamedParams = Sequence[tuple[str, nn.Parameter]]
+
+
+@dataclass(frozen=True)
+class WarmupHalfCosine:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then half a cosine down to ``floor``."""
+
+    peak: float
+    warmup: int
+    total: int
+    floor: float = 0.0
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.floor + (self.peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class GroupStepStats:
+    """What one optimizer step of a group reports to tracking."""
+
+    lr: float
+    grad_norm: float
+    param_norm: float | None = None
+    update_ratio: float | None = None
+
+
+def effective_batch(training: TrainingConfig, world_size: int) -> int:
+    return training.batch_size * training.grad_accum * world_size
+
+
+def peak_lr(group: GroupOptimConfig, training: TrainingConfig, world_size: int) -> float:
+    """base_lr, scaled linearly to the effective batch when ``training.scale_lr`` (MAE/MM rule)."""
+    if not training.scale_lr:
+        return group.base_lr
+    return group.base_lr * effective_batch(training, world_size) / 256
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Weight decay only on matrices: biases, norms, scales and gates (1-D) are left alone."""
+    return param.ndim >= 2 and not name.endswith("bias")
+
+
+def _param_norm(params: list[nn.Parameter]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in params])))
+
+
+@dataclass
+class GroupOptimizer:
+    """AdamW + schedule + step counter for one parameter group."""
+
+    name: str
+    params: list[nn.Parameter]
+    optimizer: torch.optim.AdamW
+    schedule: WarmupHalfCosine
+    grad_clip: float | None
+    steps_taken: int = 0
+    _snapshot: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def current_lr(self) -> float:
+        return self.schedule.lr_at(self.steps_taken)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, scaler: torch.amp.GradScaler | None = None, *, measure: bool = False) -> GroupStepStats:
+        """Set the scheduled lr, unscale, clip, step; ``measure`` adds norms (costs a copy)."""
+        lr = self.current_lr()
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        limit = self.grad_clip if self.grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        before = [p.detach().clone() for p in self.params] if measure else []
+        if scaler is not None:
+            scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+        self.steps_taken += 1
+        stats = GroupStepStats(lr=lr, grad_norm=grad_norm)
+        if measure:
+            stats.param_norm = _param_norm(self.params)
+            moved = [(p.detach() - b).float().norm() for p, b in zip(self.params, before, strict=True)]
+            update = torch.stack(moved)
+            stats.update_ratio = float(torch.linalg.vector_norm(update)) / max(stats.param_norm, 1e-12)
+        return stats
+
+
+def build_group_optimizer(
+    name: str,
+    named: NamedParams,
+    group_cfg: GroupOptimConfig,
+    training: TrainingConfig,
+    *,
+    total_steps: int,
+    world_size: int = 1,
+) -> GroupOptimizer:
+    """AdamW with a decay and a no-decay parameter group; lr is set per step by the schedule."""
+    if not named:
+        raise ValueError(f"parameter group {name!r} is empty: nothing to optimise")
+    decay = [p for n, p in named if decays(n, p)]
+    no_decay = [p for n, p in named if not decays(n, p)]
+    param_groups = [
+        {"params": decay, "weight_decay": group_cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    peak = peak_lr(group_cfg, training, world_size)
+    optimizer = torch.optim.AdamW(
+        [g for g in param_groups if g["params"]], lr=peak, betas=tuple(group_cfg.betas), eps=group_cfg.eps
+    )
+    schedule = WarmupHalfCosine(
+        peak=peak, warmup=group_cfg.warmup_steps, total=max(1, total_steps), floor=group_cfg.min_lr
+    )
+    return GroupOptimizer(
+        name=name, params=[p for _, p in named], optimizer=optimizer, schedule=schedule,
+        grad_clip=training.grad_clip,
+    )
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast and loss scaling for one run: fp32 (CPU default), bf16 autocast, fp16 + scaler."""
+
+    device_type: str
+    mode: str
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.mode == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.mode == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+    def make_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device_type) if self.mode == "fp16" else None
+
+
+def iter_group_params(groups: dict[str, GroupOptimizer]) -> Iterator[nn.Parameter]:
+    for group in groups.values():
+        yield from group.params

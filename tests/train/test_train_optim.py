@@ -1,0 +1,61 @@
+"""Per-group AdamW: decay split, warm-up + half-cosine values, lr scaling, clipping report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llama_adapter_v2.config.schema import GroupOptimConfig, TrainingConfig
+from llama_adapter_v2.train.optim import WarmupHalfCosine, build_group_optimizer, decays, peak_lr
+
+
+def test_schedule_warms_up_linearly_then_follows_half_a_cosine() -> None:
+    schedule = WarmupHalfCosine(peak=1.0, warmup=4, total=14, floor=0.1)
+    assert [schedule.lr_at(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert schedule.lr_at(4) == 1.0
+    assert schedule.lr_at(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    assert schedule.lr_at(14) == pytest.approx(0.1)
+    assert schedule.lr_at(100) == pytest.approx(0.1)
+
+
+def test_lr_scales_with_the_effective_batch() -> None:
+    group = GroupOptimConfig(base_lr=1e-3)
+    training = TrainingConfig(batch_size=4, grad_accum=2, scale_lr=True)
+    assert peak_lr(group, training, world_size=2) == 1e-3 * 16 / 256
+    assert peak_lr(group, training.model_copy(update={"scale_lr": False}), world_size=2) == 1e-3
+
+
+def test_no_weight_decay_on_biases_and_one_dimensional_parameters() -> None:
+    matrix = torch.nn.Parameter(torch.ones(3, 3))
+    bias, norm = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    assert decays("layers.0.q_proj.lora_a", matrix)
+    assert not decays("layers.0.q_proj.bias", bias)
+    assert not decays("layers.0.input_layernorm.weight", norm)
+    assert not decays("visual.query_bias", torch.nn.Parameter(torch.ones(2, 2)))
+    training = TrainingConfig(grad_clip=None)
+    group = build_group_optimizer(
+        "visual", [("a.weight", matrix), ("a.bias", bias), ("n.weight", norm)],
+        GroupOptimConfig(base_lr=0.1, weight_decay=0.5), training, total_steps=10,
+    )
+    decayed, plain = group.optimizer.param_groups
+    assert decayed["weight_decay"] == 0.5 and decayed["params"] == [matrix]
+    assert plain["weight_decay"] == 0.0 and plain["params"] == [bias, norm]
+    assert decayed["betas"] == (0.9, 0.95)
+
+
+def test_step_reports_the_norm_before_clipping_and_clips_to_the_limit() -> None:
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    weight.grad = torch.full((2, 2), 3.0)  # norm 6
+    training = TrainingConfig(grad_clip=1.0, scale_lr=False)
+    group = build_group_optimizer("language", [("w", weight)], GroupOptimConfig(base_lr=0.5, warmup_steps=2),
+                                  training, total_steps=4)
+    stats = group.step(measure=True)
+    assert stats.grad_norm == pytest.approx(6.0)
+    assert stats.lr == 0.25  # first warm-up step of two
+    assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    # AdamW's first step moves every entry by lr (sign of the gradient): update norm 0.25 * 2
+    assert stats.param_norm == pytest.approx(0.5, rel=1e-5)
+    assert stats.update_ratio == pytest.approx(1.0, rel=1e-5)
+    assert group.steps_taken == 1 and math.isclose(group.current_lr(), 0.5)
