@@ -1,0 +1,160 @@
+"""Text generation on the adapted model: greedy or sampled, stop strings, batched prompts.
+
+Prompts are tokenized exactly as training tokenized them (BOS, then the template text without
+special tokens) and left-padded, so a batch of prompts continues from the same position as each
+prompt alone. Prompts with and without an image are generated in separate batches because
+the model's visual prompts apply to a whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from llama_adapter_v2.data.formatting import CHAT_SEPARATOR, alpaca_prompt
+from llama_adapter_v2.data.records import CAPTION_INSTRUCTION
+
+if TYPE_CHECKING:
+    import torch
+
+    from llama_adapter_v2.model import LlamaAdapterV2
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """``temperature == 0`` is greedy decoding; otherwise sampling with nucleus ``top_p``."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = (CHAT_SEPARATOR,)
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A full prompt text (template already applied) and an optional RGB image."""
+
+    text: str
+    image: Image.Image | None = None
+
+
+def instruction_prompt(instruction: str, context: str = "", image: Image.Image | None = None) -> Prompt:
+    """The Alpaca template with an optional input (expert text goes there too)."""
+    return Prompt(alpaca_prompt(instruction, context), image)
+
+
+def caption_prompt(image: Image.Image, instruction: str = CAPTION_INSTRUCTION) -> Prompt:
+    return Prompt(alpaca_prompt(instruction, ""), image)
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """BOS (when the tokenizer has one) and the text without special tokens, as in training."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string, stripped."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
+    return text[:cut].strip()
+
+
+class _StopStrings:
+    """Stops a row once its generated text contains a stop string (checked on decoded text)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, stop: Sequence[str]) -> None:
+        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, tuple(stop)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        done = [any(s in text for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[index, width - len(row) :] = 1
+    return ids, mask
+
+
+def _image_batch(model: LlamaAdapterV2, prompts: Sequence[Prompt]) -> torch.Tensor | None:
+    import torch
+
+    if prompts[0].image is None:
+        return None
+    if model.image_transform is None:
+        raise ValueError("an image was given but this model has no visual path")
+    device = next(model.parameters()).device
+    return torch.stack([model.image_transform(p.image.convert("RGB")) for p in prompts]).to(device)
+
+
+def _generate_batch(
+    model: LlamaAdapterV2, tokenizer: Any, prompts: Sequence[Prompt], settings: GenerationSettings
+) -> list[str]:
+    from transformers import StoppingCriteriaList
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = _left_padded([prompt_ids(tokenizer, p.text) for p in prompts], pad_id)
+    device = next(model.parameters()).device
+    sampling: dict[str, Any] = {"do_sample": False}
+    if settings.temperature > 0:
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+        sampling["top_k"] = 0  # nucleus sampling only, not transformers' default top-50 cut
+    stopping = StoppingCriteriaList([_StopStrings(tokenizer, input_ids.shape[1], settings.stop)])
+    output = model.generate(
+        input_ids.to(device),
+        images=_image_batch(model, prompts),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        stopping_criteria=stopping if settings.stop else None,
+        **sampling,
+    )
+    texts = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return [cut_at_stop(text, settings.stop) for text in texts]
+
+
+def generate_texts(
+    model: LlamaAdapterV2,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    settings: GenerationSettings | None = None,
+) -> list[str]:
+    """One answer per prompt, in order. Sampling is seeded by ``settings.seed`` per call."""
+    import torch
+
+    settings = settings or GenerationSettings()
+    if settings.temperature > 0:
+        torch.manual_seed(settings.seed)
+    answers: dict[int, str] = {}
+    for with_image in (False, True):
+        indices = [i for i, p in enumerate(prompts) if (p.image is not None) == with_image]
+        for start in range(0, len(indices), settings.batch_size):
+            chunk = indices[start : start + settings.batch_size]
+            texts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings)
+            answers.update(zip(chunk, texts, strict=True))
+    return [answers[i] for i in range(len(prompts))]

@@ -1,0 +1,179 @@
+"""Generation and chat on a tiny adapted model (random frozen base, gates moved off zero)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import random_gates, tiny_config, write_tiny_base
+
+from llama_adapter_v2.evaluate.chat import (
+    ChatSession,
+    ContextTooLongError,
+    answer,
+    conversation_prompt,
+    reply,
+)
+from llama_adapter_v2.evaluate.generation import (
+    GenerationSettings,
+    Prompt,
+    caption_prompt,
+    cut_at_stop,
+    generate_texts,
+    instruction_prompt,
+    prompt_ids,
+)
+
+GREEDY = GenerationSettings(max_new_tokens=10, stop=())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    from llama_adapter_v2.model.build import build_model, load_tokenizer
+
+    cfg = tiny_config(write_tiny_base(tmp_path_factory.mktemp("tiny-base")))
+    model = build_model(cfg).eval()
+    random_gates(model)
+    return model, load_tokenizer(cfg)
+
+
+def greedy_by_hand(model: Any, tokenizer: Any, prompt: Prompt, steps: int) -> str:
+    """Recompute the whole sequence each step and take the argmax: no cache, no padding."""
+    ids = torch.tensor([prompt_ids(tokenizer, prompt.text)])
+    images = None if prompt.image is None else model.image_transform(prompt.image).unsqueeze(0)
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(steps):
+            following = model(ids, images=images).logits[0, -1].argmax()
+            ids = torch.cat([ids, following.view(1, 1)], dim=1)
+            if int(following) == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
+
+
+def prompts() -> list[Prompt]:
+    return [
+        instruction_prompt("What colour is the sky?"),
+        instruction_prompt("Reverse the words.", "red blue green"),
+        caption_prompt(Image.new("RGB", (40, 40), "red")),
+        caption_prompt(Image.new("RGB", (48, 40), (0, 90, 200))),
+        instruction_prompt("Describe it."),
+    ]
+
+
+def test_greedy_matches_recomputing_every_step(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    for prompt in prompts()[1:3]:
+        [text] = generate_texts(model, tokenizer, [prompt], GREEDY)
+        assert text == greedy_by_hand(model, tokenizer, prompt, GREEDY.max_new_tokens)
+
+
+def test_batched_left_padded_prompts_match_one_at_a_time(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    batch = prompts()
+    together = generate_texts(
+        model, tokenizer, batch, GenerationSettings(max_new_tokens=10, stop=(), batch_size=4)
+    )
+    alone = [generate_texts(model, tokenizer, [p], GREEDY)[0] for p in batch]
+    assert together == alone
+    assert together[2] != together[3]  # the image changes the caption
+
+
+def test_stop_string_cuts_the_answer(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    prompt = prompts()[1]
+    [free] = generate_texts(model, tokenizer, [prompt], GenerationSettings(max_new_tokens=16, stop=()))
+    stop = free[3:5]
+    assert stop.strip()
+    [stopped] = generate_texts(
+        model, tokenizer, [prompt], GenerationSettings(max_new_tokens=16, stop=(stop,))
+    )
+    assert stopped == free[: free.index(stop)].strip()
+    assert cut_at_stop("a cat### Human: more", ["###"]) == "a cat"
+    assert cut_at_stop("no stop here ", ["###"]) == "no stop here"
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    batch = prompts()[:2]
+    hot = GenerationSettings(max_new_tokens=10, stop=(), temperature=1.5, seed=3)
+    first, again = (
+        generate_texts(model, tokenizer, batch, hot),
+        generate_texts(model, tokenizer, batch, hot),
+    )
+    other = generate_texts(
+        model, tokenizer, batch, GenerationSettings(max_new_tokens=10, stop=(), temperature=1.5, seed=4)
+    )
+    assert first == again
+    assert first != other
+    nucleus_of_one = GenerationSettings(max_new_tokens=10, stop=(), temperature=1.0, top_p=1e-6)
+    assert generate_texts(model, tokenizer, batch, nucleus_of_one) == generate_texts(
+        model, tokenizer, batch, GREEDY
+    )
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationSettings(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)
+
+
+def test_chat_keeps_history_and_matches_the_stateless_answer(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    image = Image.new("RGB", (32, 32), "green")
+    session = ChatSession(model, tokenizer, image=image, settings=GREEDY)
+    first = session.ask("What is drawn?")
+    second = session.ask("What colour is it?")
+    assert first.kept_history == ()
+    assert second.kept_history == (("user", "What is drawn?"), ("assistant", first.text))
+    assert session.history == [
+        ("user", "What is drawn?"),
+        ("assistant", first.text),
+        ("user", "What colour is it?"),
+        ("assistant", second.text),
+    ]
+    # the pyfunc route: the same question with the same history gives the same answer
+    assert (
+        answer(model, tokenizer, image, "What colour is it?", session.history[:2], settings=GREEDY)
+        == second.text
+    )
+    prompt = conversation_prompt(session.history, "And now?")
+    assert prompt.endswith("Human: And now?###Assistant:")
+    assert f"Human: What is drawn?###Assistant: {first.text}###" in prompt
+
+
+def test_chat_trims_oldest_exchanges_to_the_context_limit(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    history = [
+        turn
+        for i in range(6)
+        for turn in [("user", f"question number {i}"), ("assistant", f"answer {i}")]
+    ]
+    full = len(prompt_ids(tokenizer, conversation_prompt(history, "last question")))
+    limit = full + GREEDY.max_new_tokens - 1  # one token short: the oldest exchange must go
+    result = reply(model, tokenizer, None, "last question", history, settings=GREEDY, limit=limit)
+    assert result.kept_history == tuple(history[2:])
+    assert result.prompt_tokens + GREEDY.max_new_tokens <= limit
+    last_exchange = len(prompt_ids(tokenizer, conversation_prompt(history[-2:], "last question")))
+    tight_limit = last_exchange + GREEDY.max_new_tokens
+    tight = reply(model, tokenizer, None, "last question", history, settings=GREEDY, limit=tight_limit)
+    assert tight.kept_history == tuple(history[-2:])
+    assert tight.prompt_tokens == last_exchange
+    with pytest.raises(ContextTooLongError, match="context limit of 20 tokens"):
+        reply(model, tokenizer, None, "last question", history, settings=GREEDY, limit=20)
+
+
+def test_session_trims_but_keeps_the_transcript(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    alone = len(prompt_ids(tokenizer, conversation_prompt([("user", "q"), ("assistant", "a")], "q")))
+    session = ChatSession(
+        model, tokenizer, settings=GenerationSettings(max_new_tokens=4, stop=()), limit=alone + 30
+    )
+    replies = [session.ask(f"question {i}") for i in range(5)]
+    assert len(session.history) == 10
+    assert len(replies[-1].kept_history) < 8
+    assert all(r.prompt_tokens + 4 <= alone + 30 for r in replies)
