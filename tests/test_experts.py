@@ -58,4 +58,35 @@ def test_missing_language_data_names_the_package() -> None:
 
 
 def test_registry_lists_builtin_experts() -> None:
-    assert "ocr" in registered_experts()
+    assert {"ocr", "caption"} <= set(registered_experts())
+
+
+def test_caption_expert_captions_like_the_model_it_loads(tmp_path: Path) -> None:
+    from tiny_models import random_gates, tiny_config, write_tiny_base
+
+    from llama_adapter_v2.evaluate.generation import GenerationSettings, caption_prompt, generate_texts
+    from llama_adapter_v2.model.build import build_model, load_tokenizer
+    from llama_adapter_v2.model.checkpoint import save_adapter
+
+    cfg = tiny_config(write_tiny_base(tmp_path / "base"))
+    model = build_model(cfg).eval()
+    random_gates(model, seed=1)
+    save_adapter(model, tmp_path / "adapter")
+    expert = build_expert(ExpertConfig(kind="caption", model=str(tmp_path / "adapter")))
+    assert expert is not None
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    settings = GenerationSettings(max_new_tokens=32)
+    tokenizer = load_tokenizer(cfg)
+    expected = generate_texts(model, tokenizer, [caption_prompt(red), caption_prompt(blue)], settings)
+    assert [expert.describe(red), expert.describe(blue)] == expected
+    assert expected[0] != expected[1]
+    ocr = build_expert(ExpertConfig(kind="ocr"))
+    assert ocr is not None
+    caption_line = f"Caption: {expected[0]}" if expected[0] else ""
+    assert expert_context([expert, ocr], red) == caption_line  # a plain red square has no text to read
+
+
+def test_missing_caption_model_is_a_clear_error_or_skipped_when_optional(tmp_path: Path) -> None:
+    with pytest.raises(ExpertUnavailableError, match="not an adapter folder"):
+        build_expert(ExpertConfig(kind="caption", model=str(tmp_path / "nowhere")))
+    assert build_experts([ExpertConfig(kind="caption", model=str(tmp_path / "nowhere"), optional=True)]) == []
