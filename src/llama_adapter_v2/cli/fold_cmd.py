@@ -1,0 +1,37 @@
+"""``lav2 fold``: fold an adapter's bias, scale and LoRA into its base weights for inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def fold(
+    adapter: Annotated[
+        Path, typer.Option(help="Adapter folder written by save_adapter (adapter.json inside)")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder (created)")],
+) -> None:
+    """Fold ADAPTER into its base. No prompts: OUT is a stock transformers Llama folder.
+    With prompts: OUT/base is the folded Llama and OUT an adapter folder keeping prompts and gates."""
+    from rich.console import Console
+
+    from llama_adapter_v2.config.schema import Config
+    from llama_adapter_v2.model.build import build_model
+    from llama_adapter_v2.model.checkpoint import load_adapter, saved_model_config
+    from llama_adapter_v2.model.fold import export_folded
+
+    console = Console(stderr=True)
+    model_config = saved_model_config(adapter)
+    with console.status(f"building the base of {adapter} and loading the adapter"):
+        model = load_adapter(build_model(Config(name="fold", model=model_config)), adapter)
+    with console.status(f"folding into {out}"):
+        stock = export_folded(model, out, tokenizer_from=model_config.base.path)
+    if stock == out:
+        typer.echo(
+            f"{out}: stock transformers Llama (attention_bias and mlp_bias on); no project code needed"
+        )
+    else:
+        typer.echo(f"{out}: adapter with prompts and gates over the folded base {stock}")

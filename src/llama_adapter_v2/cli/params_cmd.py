@@ -1,0 +1,48 @@
+"""``lav2 params CONFIG``: trainable parameter counts, built on the meta device (no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
+
+
+def params(
+    config: ConfigFile,
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
+) -> None:
+    """Count trainable parameters of CONFIG per group and per kind, and the share of the frozen base."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from llama_adapter_v2.model.build import build_model
+    from llama_adapter_v2.model.groups import GROUPS
+    from llama_adapter_v2.model.params import KINDS, count_parameters
+
+    cfg = load_or_exit(config, overrides)
+    counts = count_parameters(build_model(cfg, device="meta", dtype=torch.float32))
+    if as_json:
+        typer.echo(json.dumps({"config": str(Path(config)), "name": cfg.name, **counts.as_dict()}, indent=2))
+        return
+    table = Table(title=f"{cfg.name}: trainable parameters")
+    table.add_column("kind")
+    for group in GROUPS:
+        table.add_column(group, justify="right")
+    table.add_column("total", justify="right")
+    for kind in KINDS:
+        per_group = (counts.by_group_and_kind[group][kind] for group in GROUPS)
+        table.add_row(kind, *(f"{n:,}" for n in per_group), f"{counts.by_kind[kind]:,}")
+    table.add_row("all", *(f"{counts.by_group[g]:,}" for g in GROUPS), f"{counts.trainable:,}", style="bold")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"frozen base {counts.base:,}; trainable {counts.trainable:,} "
+        f"= {counts.percent_of_base:.3f} % of it; "
+        f"frozen CLIP tower {counts.vision_tower:,}"
+    )

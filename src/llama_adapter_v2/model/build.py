@@ -1,0 +1,151 @@
+"""Build the adapted model from a ``Config``: local folders when present, else the declared ``arch``.
+
+A base given only by ``arch`` gets random weights drawn from a fixed seed, so every build of the
+same config (training, resuming, evaluating, folding) sees the same frozen base. On the meta
+device nothing is allocated: ``lav2 params`` counts the 7B and 8B configs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+from llama_adapter_v2.config.schema import BaseLlamaConfig, Config, VisionTowerConfig
+from llama_adapter_v2.model.adapter import LlamaAdapterV2, plan_layers
+from llama_adapter_v2.model.vision import ClipTower
+
+ARCH_ONLY_SEED = 0
+LLAMA_MODEL_TYPES = frozenset({"llama"})
+CLIP_MODEL_TYPES = frozenset({"clip", "clip_vision_model"})
+
+
+class BaseModelError(ValueError):
+    """The base or tower folder is missing, unreadable, or not the kind of model the method wraps."""
+
+
+def build_model(
+    cfg: Config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LlamaAdapterV2:
+    """The adapted model, base and tower frozen, adapter parameters trainable, on ``device``."""
+    device = torch.device(device)
+    base = build_base(cfg.model.base, device=device, dtype=dtype)
+    plan = plan_layers(cfg.model.adapter, base.config.num_hidden_layers)
+    clip = build_clip(cfg.model.vision, device=device, dtype=dtype) if plan.uses_images else None
+    model = LlamaAdapterV2(base, cfg.model.adapter, clip=clip, model_config=cfg.model)
+    return model.to(device=device)
+
+
+def _config_json(folder: Path, key: str) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise BaseModelError(
+            f"{key}: {folder} has no config.json (expected a transformers checkpoint folder)"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BaseModelError(f"{key}: {path} is not valid JSON ({err})") from None
+
+
+def _existing_folder(path: Path | None, key: str, device: torch.device) -> Path | None:
+    """The folder to load from, or None to build from ``arch``; a missing folder is an error
+    except on the meta device, where only shapes matter."""
+    if path is None:
+        return None
+    if path.exists():
+        return path
+    if device.type == "meta":
+        return None
+    raise BaseModelError(
+        f"{key}: folder {path} not found; build it (or point the path at a local checkpoint). "
+        "Only the meta device (lav2 params) may stand in the declared `arch` for missing weights."
+    )
+
+
+def llama_config(base: BaseLlamaConfig) -> LlamaConfig:
+    """The transformers config of the base: from its folder when present, else from ``arch``."""
+    if base.path is not None and base.path.exists():
+        data = _config_json(base.path, "model.base.path")
+        if data.get("model_type") not in LLAMA_MODEL_TYPES:
+            raise BaseModelError(
+                f"model.base.path: {base.path} holds a {data.get('model_type')!r} model; LLaMA-Adapter V2 "
+                "wraps Llama-family checkpoints (config.json model_type 'llama') only"
+            )
+        config = LlamaConfig.from_pretrained(base.path, local_files_only=True)
+    else:
+        assert base.arch is not None  # the schema demands path or arch
+        config = LlamaConfig(**base.arch.model_dump())
+    config._attn_implementation = base.attn_implementation
+    return config
+
+
+def build_base(base: BaseLlamaConfig, *, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = llama_config(base)
+    folder = _existing_folder(base.path, "model.base.path", device)
+    if folder is not None and device.type != "meta":
+        model = LlamaForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=dtype, attn_implementation=base.attn_implementation
+        )
+        return model.to(device).eval()
+    return _seeded_build(LlamaForCausalLM, config, device, dtype).eval()
+
+
+def _seeded_build(model_class: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Random weights from a fixed seed, created directly on ``device`` in ``dtype``."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(ARCH_ONLY_SEED)
+        return model_class._from_config(config, dtype=dtype)
+
+
+def _has_visual_projection(folder: Path) -> bool:
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            if any(key.endswith("visual_projection.weight") for key in handle.keys()):  # noqa: SIM118
+                return True
+    return False
+
+
+def build_clip(vision: VisionTowerConfig, *, device: torch.device, dtype: torch.dtype) -> ClipTower:
+    """The frozen CLIP vision tower, with its visual projection when the checkpoint has one."""
+    folder = _existing_folder(vision.path, "model.vision.path", device)
+    if vision.path is not None and vision.path.exists():
+        data = _config_json(vision.path, "model.vision.path")
+        if data.get("model_type") not in CLIP_MODEL_TYPES:
+            raise BaseModelError(
+                f"model.vision.path: {vision.path} holds a {data.get('model_type')!r} model, "
+                "not a CLIP checkpoint"
+            )
+        config = CLIPVisionConfig.from_pretrained(vision.path, local_files_only=True)
+        with_projection = _has_visual_projection(vision.path)
+    else:
+        assert vision.arch is not None
+        config = CLIPVisionConfig(**vision.arch.model_dump())
+        with_projection = True
+    tower_class = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
+    if folder is not None and device.type != "meta":
+        tower = tower_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        return tower.to(device).eval()
+    return _seeded_build(tower_class, config, device, dtype).eval()
+
+
+def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in the base folder (local files only)."""
+    path = cfg.model.base.path
+    if path is None or not path.exists():
+        raise BaseModelError(
+            f"model.base.path: the tokenizer is read from the base folder, and {path} is not there"
+        )
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

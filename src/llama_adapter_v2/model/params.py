@@ -1,0 +1,68 @@
+"""Trainable parameter counts per group and per kind (METHOD.md section 6)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, get_args
+
+from llama_adapter_v2.model.adapter import LlamaAdapterV2
+from llama_adapter_v2.model.groups import GROUPS, VISUAL_PATH_PREFIX, Group
+
+Kind = Literal["bias", "scale", "norm", "prompt", "gate", "visual", "lora"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+
+
+def kind_of(name: str) -> Kind:
+    """What an adapter parameter is, from its name (the visual path counts as one kind)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith(VISUAL_PATH_PREFIX):
+        return "visual"
+    if leaf in ("lora_a", "lora_b"):
+        return "lora"
+    if leaf in ("gate", "prompt", "scale", "bias"):
+        return leaf  # type: ignore[return-value]
+    if name.endswith("norm.weight"):
+        return "norm"
+    raise ValueError(f"adapter parameter {name!r} has no known kind")
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Counts of one built model; ``base`` is the frozen Llama, ``vision_tower`` the frozen CLIP."""
+
+    by_group: dict[Group, int]
+    by_kind: dict[Kind, int]
+    by_group_and_kind: dict[Group, dict[Kind, int]]
+    trainable: int
+    base: int
+    vision_tower: int
+
+    @property
+    def percent_of_base(self) -> float:
+        return 100.0 * self.trainable / self.base
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "percent_of_base": self.percent_of_base}
+
+
+def count_parameters(model: LlamaAdapterV2) -> ParameterCounts:
+    """Works on the meta device: only shapes are read."""
+    by_group_and_kind: dict[Group, dict[Kind, int]] = {g: dict.fromkeys(KINDS, 0) for g in GROUPS}
+    adapter_ids: set[int] = set()
+    for group, members in model.parameter_groups().items():
+        for name, parameter in members:
+            by_group_and_kind[group][kind_of(name)] += parameter.numel()
+            adapter_ids.add(id(parameter))
+    by_group = {g: sum(kinds.values()) for g, kinds in by_group_and_kind.items()}
+    by_kind = {k: sum(by_group_and_kind[g][k] for g in GROUPS) for k in KINDS}
+    tower = sum(p.numel() for p in model.clip.parameters()) if model.clip is not None else 0
+    base = sum(p.numel() for p in model.base.parameters() if id(p) not in adapter_ids)
+    norms = by_kind["norm"]  # the norms are base weights that the method unfreezes
+    return ParameterCounts(
+        by_group=by_group,
+        by_kind=by_kind,
+        by_group_and_kind=by_group_and_kind,
+        trainable=sum(by_group.values()),
+        base=base + norms,
+        vision_tower=tower,
+    )
