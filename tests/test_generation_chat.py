@@ -1,4 +1,4 @@
-"""Generation and chat on a tiny adapted model (random frozen base, gates moved off zero)."""
+"""Generation, chat and multiple-choice scoring on a tiny adapted model (random base, gates off zero)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ from llama_adapter_v2.evaluate.generation import (
     generate_texts,
     instruction_prompt,
     prompt_ids,
+)
+from llama_adapter_v2.evaluate.multiple_choice import (
+    ChoiceFileError,
+    ChoiceItem,
+    choice_log_likelihoods,
+    read_choice_items,
+    score_multiple_choice,
 )
 
 GREEDY = GenerationSettings(max_new_tokens=10, stop=())
@@ -177,3 +184,51 @@ def test_session_trims_but_keeps_the_transcript(tiny: tuple[Any, Any], tmp_path:
     assert len(session.history) == 10
     assert len(replies[-1].kept_history) < 8
     assert all(r.prompt_tokens + 4 <= alone + 30 for r in replies)
+
+
+def test_choice_log_likelihoods_match_one_unpadded_forward_per_choice(tiny: tuple[Any, Any]) -> None:
+    from llama_adapter_v2.data.formatting import alpaca_prompt
+
+    model, tokenizer = tiny
+    item = ChoiceItem("What colour is the sky?", ("blue", "a green triangle at the top", "7"), answer=0)
+    scores = choice_log_likelihoods(model, tokenizer, item)
+    context = prompt_ids(tokenizer, alpaca_prompt(item.question, ""))
+    for choice, (total, count) in zip(item.choices, scores, strict=True):
+        continuation = tokenizer.encode(choice, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(torch.tensor([context + continuation])).logits[0]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        expected = sum(float(log_probs[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
+        assert count == len(continuation)
+        assert total == pytest.approx(expected, abs=1e-4)
+    result = score_multiple_choice(model, tokenizer, [item, ChoiceItem("Pick one.", ("7", "blue"), answer=1)])
+    best = max(range(3), key=lambda i: scores[i][0])
+    second = choice_log_likelihoods(model, tokenizer, ChoiceItem("Pick one.", ("7", "blue"), answer=1))
+    expected_accuracy = (float(best == 0) + float(second[1][0] > second[0][0])) / 2
+    assert result["accuracy"] == expected_accuracy
+    assert result["n"] == 2.0
+
+
+def test_choice_files_in_mmlu_layout_and_their_errors(tmp_path: Path) -> None:
+    good = tmp_path / "mmlu.jsonl"
+    good.write_text(
+        '{"question": "2+2?", "choices": ["3", "4"], "answer": 1}\n\n'
+        '{"question": "Sky?", "choices": ["red", "blue"], "answer": "B", "subject": "nature"}\n'
+        '{"question": "Grass?", "choices": ["green", "blue"], "answer": "green"}\n',
+        encoding="utf-8",
+    )
+    assert [item.answer for item in read_choice_items(good)] == [1, 1, 0]
+    assert read_choice_items(good)[1].subject == "nature"
+    cases = {
+        '{"question": "q", "choices": ["a"], "answer": 0}': "at least two",
+        '{"question": "q", "choices": ["a", "b"], "answer": 2}': "not a choice index",
+        '{"question": "", "choices": ["a", "b"], "answer": 0}': "'question'",
+        '{"question": "q", "choices": ["a", "b"], "answer": 0': "not valid JSON",
+        '["q"]': "JSON object",
+    }
+    for line, rule in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        first = '{"question": "ok", "choices": ["a", "b"], "answer": 0}'
+        bad.write_text(f"{first}\n{line}\n", encoding="utf-8")
+        with pytest.raises(ChoiceFileError, match=rf"bad.jsonl:2: .*{rule}"):
+            read_choice_items(bad)
