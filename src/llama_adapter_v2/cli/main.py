@@ -9,7 +9,14 @@ from __future__ import annotations
 import typer
 
 import llama_adapter_v2  # noqa: F401 - applies the offline environment first
-from llama_adapter_v2.cli import config_cmd, data_cmd, fold_cmd, params_cmd
+from llama_adapter_v2.cli import (
+    config_cmd,
+    data_cmd,
+    fold_cmd,
+    params_cmd,
+    pipeline_cmd,
+    registry_cmd,
+)
 
 app = typer.Typer(
     name="lav2",
@@ -20,6 +27,9 @@ app = typer.Typer(
 )
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(data_cmd.app, name="data")
+app.command("register")(registry_cmd.register)
+app.command("promote")(registry_cmd.promote)
+app.command("pipeline")(pipeline_cmd.pipeline)
 app.command("params")(params_cmd.params)
 app.command("fold")(fold_cmd.fold)
 

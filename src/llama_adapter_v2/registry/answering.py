@@ -16,8 +16,6 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from llama_adapter_v2.config import Config
-from llama_adapter_v2.data.formatting import CHAT_SEPARATOR, prompt_text
-from llama_adapter_v2.data.records import Record, Turn
 from llama_adapter_v2.registry.requests import (
     ImageLimits,
     RequestError,
@@ -29,21 +27,14 @@ from llama_adapter_v2.registry.requests import (
 DEFAULT_MAX_NEW_TOKENS = 32
 
 
-def request_record(instruction: str, history: list[tuple[str, str]]) -> Record:
-    """A record whose prompt is the request: Alpaca for one question, chat with earlier turns."""
-    turns = tuple(Turn(role, text) for role, text in history)  # type: ignore[arg-type]
-    turns += (Turn("user", instruction), Turn("assistant", ""))
-    template = "chat" if history else "alpaca"
-    return Record(id="request", source="serving", kind="instruction", template=template, turns=turns)
-
-
 class AdapterChatModel(mlflow.pyfunc.PythonModel):
     """Answers questions about an image with the adapted frozen Llama."""
 
     def load_context(self, context: Any) -> None:
         import torch
 
-        from llama_adapter_v2.model import build_model, load_adapter, load_tokenizer
+        from llama_adapter_v2.model.build import build_model, load_tokenizer
+        from llama_adapter_v2.model.checkpoint import load_adapter
         from llama_adapter_v2.registry.register import model_identity
 
         settings = context.model_config
@@ -55,7 +46,6 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
                     f"{key.split('_')[0]} model changed since registration: registered {settings[key]}, "
                     f"found {found[key]} at {found[key.replace('identity', 'path')] or '(built from arch)'}"
                 )
-        torch.manual_seed(self.cfg.training.seed)
         self.model = build_model(self.cfg, device="cpu", dtype=torch.float32)
         load_adapter(self.model, context.artifacts["adapter"])
         self.model.eval()
@@ -63,21 +53,14 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
         self.limits = ImageLimits.from_validation(self.cfg.data.validation)
 
     def _answer(self, image: Any, instruction: str, history: list[tuple[str, str]], max_new: int) -> str:
-        import torch
+        from llama_adapter_v2.evaluate.chat import ContextTooLongError, answer
+        from llama_adapter_v2.evaluate.generation import GenerationSettings
 
-        record = request_record(instruction, history)
-        prompt = self.tokenizer.encode(prompt_text(record), add_special_tokens=False)
-        if self.tokenizer.bos_token_id is not None:
-            prompt = [self.tokenizer.bos_token_id, *prompt]
-        input_ids = torch.tensor([prompt], dtype=torch.long)
-        images = self.model.image_transform(image).unsqueeze(0)
-        with torch.no_grad():
-            output = self.model.generate(
-                input_ids, images=images, max_new_tokens=max_new, do_sample=False,
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            )
-        text = self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-        return text.split(CHAT_SEPARATOR, 1)[0].strip()
+        try:
+            return answer(self.model, self.tokenizer, image, instruction, history,  # type: ignore[arg-type]
+                          settings=GenerationSettings(max_new_tokens=max_new))
+        except ContextTooLongError as err:
+            raise RequestError(f"instruction: {err}") from None
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -89,7 +72,7 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
                 image = decode_image(row.get("image"), self.limits)
                 instruction = check_instruction(row.get("instruction"))
                 history = parse_history(row.get("history"))
+                rows.append(self._answer(image, instruction, history, max_new))
             except RequestError as err:
                 raise MlflowException.invalid_parameter_value(f"row {index}: {err}") from None
-            rows.append(self._answer(image, instruction, history, max_new))
         return pd.DataFrame({"answer": rows})

@@ -1,0 +1,325 @@
+"""Prefect flows of the pipeline: thin wrappers over the library, one per stage, and ``pipeline``.
+
+Each task calls the same library function as the matching ``dvc.yaml`` stage, so a Prefect
+deployment and ``dvc repro`` produce the same artifacts. What Prefect adds:
+
+- every flow run carries the config path and the data hash (``data.dvc`` md5) as parameters
+  and as tags (``config:<name>``, ``data:<hash>``);
+- tasks that read or write files retry on transient errors (OSError, connection errors);
+- training never restarts blindly: it always runs ``train(cfg, resume=True)``, so a retry or a
+  re-run continues from the last complete checkpoint, and only transient errors trigger a retry;
+- unchanged inputs reuse cached results: the cache key of a stage is the hash of the config
+  sections it reads plus the data hash; results are stored as JSON (never pickled), and a
+  stage whose outputs are gone runs again (``refresh_cache``).
+
+On a worker with N > 1 GPUs (``LAV2_GPUS`` from the work pool's job variables, else the
+visible CUDA devices) training runs as ``torchrun --nproc-per-node N``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, tags, task
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+
+import llama_adapter_v2  # noqa: F401 - applies the offline environment first
+from llama_adapter_v2.config import Config, load_config
+from llama_adapter_v2.environment import project_root
+from llama_adapter_v2.registry.provenance import UNTRACKED, data_hash
+
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
+STAGE_SECTIONS = {
+    "demo_data": ("data",),
+    "prepare": ("data",),
+    "validate": ("data",),
+    "shard": ("data", "model.base", "training.max_tokens_caption", "training.max_tokens_instruction"),
+    "demo_base": ("data", "model.base", "training.demo_base"),
+    "train": ("data", "model", "training", "tracking.uri", "tracking.experiment"),
+    "evaluate": ("data", "model", "training", "tracking.uri", "tracking.experiment"),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def load(config_path: str, overrides: list[str] | None) -> Config:
+    return load_config(config_path, overrides or ())
+
+
+def _section(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg.model_dump(mode="json")
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def stage_key(stage: str, cfg: Config, data_version: str) -> str | None:
+    """Config sections the stage reads + data hash; None (no caching) for untracked data."""
+    if data_version == UNTRACKED:
+        return None
+    payload = {name: _section(cfg, name) for name in STAGE_SECTIONS[stage]}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return f"lav2-{stage}-{data_version}-{digest}"
+
+
+def _given_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    return parameters.get("cache_key")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Network drops, timeouts and flaky-storage errnos; not a missing file or a bad value."""
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
+        return True
+    name = type(error).__name__
+    library = type(error).__module__.split(".")[0]
+    return library in {"requests", "urllib3", "httpx"} and ("Connection" in name or "Timeout" in name)
+
+
+def retry_only_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O hiccups; a wrong config or a diverged loss fails the same way every time."""
+    try:
+        state.result()
+    except Exception as error:
+        return is_transient(error)
+    return False
+
+
+IO_RETRIES: dict[str, Any] = {
+    "retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": retry_only_transient,
+}
+
+
+def run_tags(cfg: Config, config_path: str, data_version: str) -> list[str]:
+    return [f"config:{Path(config_path).name}", f"run-config:{cfg.name}", f"data:{data_version}"]
+
+
+def _tag_current_run(extra: list[str]) -> None:
+    """Add tags to the running flow run (a deployment run gets its tags before parameters exist)."""
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id)
+        client.update_flow_run(run_id, tags=sorted(set(current.tags) | set(extra)))
+
+
+def gpu_count() -> int:
+    if value := os.environ.get("LAV2_GPUS"):
+        return int(value)
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def torchrun_command(config_path: str, overrides: list[str], n_gpus: int) -> list[str]:
+    """The multi-GPU launch of the same training entry point as ``lav2 train``."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    lav2 = shutil.which("lav2") or str(Path(sys.executable).with_name("lav2"))
+    return ["torchrun", "--standalone", f"--nproc-per-node={n_gpus}", "--no-python",
+            lav2, "train", config_path, "--resume", *sets]
+
+
+def train_summary(result: Any) -> dict[str, Any]:
+    """The JSON-able part of a ``TrainResult`` (what later stages and the cache need)."""
+    return {"run_id": result.run_id, "adapter_dir": str(result.adapter_dir),
+            "checkpoint_dir": str(result.checkpoint_dir), "final_metrics": result.final_metrics,
+            "seconds": result.seconds}
+
+
+def read_train_result(cfg: Config) -> dict[str, Any]:
+    """What a torchrun-launched training left behind (rank 0 writes ``train-result.json``)."""
+    path = cfg.training.output_dir / "train-result.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _cached(task_fn: Any, key: str | None, outputs_present: bool) -> Any:
+    return task_fn.with_options(refresh_cache=not outputs_present) if key else task_fn
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+task_options: dict[str, Any] = {
+    "cache_key_fn": _given_key, "persist_result": True, "result_serializer": "json",
+}
+
+
+@task(name="demo-data", **IO_RETRIES, **task_options)
+def demo_data_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, int]:
+    from llama_adapter_v2.data.demo import generate_demo
+
+    return generate_demo(load(config_path, overrides).data)
+
+
+@task(name="prepare", **IO_RETRIES, **task_options)
+def prepare_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, int]:
+    from llama_adapter_v2.data.pipeline import prepare
+
+    return prepare(load(config_path, overrides), project_root())
+
+
+@task(name="validate", **IO_RETRIES, **task_options)
+def validate_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
+    from llama_adapter_v2.data.pipeline import validate
+
+    return validate(load(config_path, overrides), project_root())
+
+
+@task(name="shard", **IO_RETRIES, **task_options)
+def shard_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
+    from llama_adapter_v2.data.pipeline import shard
+
+    return shard(load(config_path, overrides), project_root())
+
+
+@task(name="demo-base", **IO_RETRIES, **task_options)
+def demo_base_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
+    from llama_adapter_v2.train.demo_base import train_demo_base
+
+    result = train_demo_base(load(config_path, overrides))
+    return {"path": str(result.path), "final_loss": result.losses[-1], "seconds": result.seconds}
+
+
+@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_only_transient,
+      **task_options)
+def train_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
+    """``train(cfg, resume=True)``: a retry or re-run continues from the last complete checkpoint."""
+    cfg = load(config_path, overrides)
+    n_gpus = gpu_count()
+    if n_gpus > 1:
+        command = torchrun_command(config_path, overrides, n_gpus)
+        get_run_logger().info("launching %s", " ".join(command))
+        subprocess.run(command, check=True, cwd=project_root())
+        return read_train_result(cfg)
+    from llama_adapter_v2.train.loop import train
+
+    return train_summary(train(cfg, resume=True))
+
+
+@task(name="evaluate", **IO_RETRIES, **task_options)
+def evaluate_task(config_path: str, overrides: list[str], adapter_dir: str, cache_key: str | None
+                  ) -> dict[str, float]:
+    from llama_adapter_v2.evaluate import evaluate
+
+    return evaluate(load(config_path, overrides), Path(adapter_dir))
+
+
+@task(name="register", **IO_RETRIES)
+def register_task(config_path: str, overrides: list[str], run_id: str, adapter_dir: str,
+                  metrics: dict[str, float]) -> dict[str, str]:
+    from llama_adapter_v2.registry import register
+
+    version = register(load(config_path, overrides), run_id, Path(adapter_dir), metrics)
+    return {"name": version.name, "version": version.version, "evaluation": version.evaluation}
+
+
+@task(name="promote", **IO_RETRIES)
+def promote_task(config_path: str, overrides: list[str], version: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from llama_adapter_v2.registry import promote
+
+    return asdict(promote(load(config_path, overrides), version))
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@flow(name="validate-data", log_prints=True)
+def validate_data(config_path: str, overrides: list[str] | None = None, data_hash: str = UNTRACKED
+                  ) -> dict[str, Any]:
+    """Demo data (generated when absent), then prepare -> validate (Great Expectations) -> shard."""
+    from llama_adapter_v2.data.pipeline import DataPaths
+
+    overrides = overrides or []
+    cfg = load(config_path, overrides)
+    paths = DataPaths(cfg.data.work_dir)
+    if cfg.data.demo is not None:
+        key = stage_key("demo_data", cfg, data_hash)
+        present = all(source.annotations.is_file() for source in cfg.data.captions)
+        _cached(demo_data_task, key, present)(config_path, overrides, cache_key=key)
+    summary: dict[str, Any] = {}
+    for stage, task_fn, output in (("prepare", prepare_task, paths.prepared),
+                                   ("validate", validate_task, paths.validation_metrics),
+                                   ("shard", shard_task, paths.shard_metrics)):
+        key = stage_key(stage, cfg, data_hash)
+        summary[stage] = _cached(task_fn, key, output.exists())(config_path, overrides, cache_key=key)
+    return summary
+
+
+@flow(name="train", log_prints=True)
+def train_flow(config_path: str, overrides: list[str] | None = None, data_hash: str = UNTRACKED
+               ) -> dict[str, Any]:
+    """The demo base (when the config asks for one and it is missing), then the adapter."""
+    overrides = overrides or []
+    cfg = load(config_path, overrides)
+    if cfg.data.demo is not None and cfg.model.base.path is not None:
+        key = stage_key("demo_base", cfg, data_hash)
+        present = (cfg.model.base.path / "config.json").is_file()
+        _cached(demo_base_task, key, present)(config_path, overrides, cache_key=key)
+    key = stage_key("train", cfg, data_hash)
+    present = (cfg.training.output_dir / "checkpoints" / "best").is_dir()
+    return _cached(train_task, key, present)(config_path, overrides, cache_key=key)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config_path: str, adapter_dir: str, overrides: list[str] | None = None,
+                  data_hash: str = UNTRACKED) -> dict[str, float]:
+    overrides = overrides or []
+    cfg = load(config_path, overrides)
+    key = stage_key("evaluate", cfg, data_hash)
+    present = (cfg.training.output_dir / "eval" / "metrics.json").is_file()
+    return _cached(evaluate_task, key, present)(config_path, overrides, adapter_dir, cache_key=key)
+
+
+@flow(name="register", log_prints=True)
+def register_flow(config_path: str, *, run_id: str, adapter_dir: str, metrics: dict[str, float],
+                  overrides: list[str] | None = None, data_hash: str = UNTRACKED) -> dict[str, str]:
+    return register_task(config_path, overrides or [], run_id, adapter_dir, metrics)
+
+
+@flow(name="promote", log_prints=True)
+def promote_flow(config_path: str, version: str, overrides: list[str] | None = None,
+                 data_hash: str = UNTRACKED) -> dict[str, Any]:
+    return promote_task(config_path, overrides or [], version)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """validate-data -> train -> evaluate -> register -> promote, on one config."""
+    overrides = overrides or []
+    cfg = load(config_path, overrides)
+    data_version = data_hash(project_root())
+    labels = run_tags(cfg, config_path, data_version)
+    _tag_current_run(labels)
+    common = {"config_path": config_path, "overrides": overrides, "data_hash": data_version}
+    with tags(*labels):
+        validate_data(**common)
+        trained = train_flow(**common)
+        metrics = evaluate_flow(adapter_dir=trained["adapter_dir"], **common)
+        version = register_flow(run_id=trained["run_id"], adapter_dir=trained["adapter_dir"],
+                                metrics=metrics, **common)
+        decision = promote_flow(version=version["version"], **common)
+    summary = {"config_path": config_path, "overrides": overrides, "data_hash": data_version,
+               "train": trained, "metrics": metrics, "version": version, "promotion": decision}
+    out = project_root() / "artifacts" / "pipeline" / "last-run.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    print(f"pipeline summary written to {out}")
+    return summary

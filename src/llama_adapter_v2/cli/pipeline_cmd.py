@@ -1,0 +1,53 @@
+"""``lav2 pipeline CONFIG``: the Prefect pipeline flow, here, with a local Prefect.
+
+The flow lives in ``flows/pipeline.py`` of the checkout (the library never imports flows/);
+it is loaded the way a Prefect worker loads a deployment's entrypoint. Without
+``PREFECT_API_URL`` Prefect starts a temporary local server whose database stays under
+``PREFECT_HOME`` (``.prefect/``), so ``prefect server start`` shows the runs afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
+from llama_adapter_v2.environment import project_root
+
+ENTRYPOINT = "flows/pipeline.py:pipeline"
+
+
+def summary_lines(summary: dict[str, Any], tracking_uri: str, wall_seconds: float) -> list[str]:
+    """What a person needs after the demo: the version, its alias, the numbers, where to look."""
+    version, decision = summary["version"], summary["promotion"]
+    alias = f"@{decision['alias']}" if decision["outcome"] == "promoted" else "(alias unchanged)"
+    return [
+        f"registered model  {version['name']} version {version['version']} {alias}",
+        f"promotion         {decision['outcome']}: {decision['reason']}",
+        f"data hash         {summary['data_hash']}",
+        f"training          {summary['train']['seconds']:.1f} s, MLflow run {summary['train']['run_id']}",
+        "metrics           " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary["metrics"].items())),
+        f"wall time         {wall_seconds:.1f} s",
+        f"MLflow UI         .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000",
+        "Prefect UI        PREFECT_HOME=.prefect .venv/bin/prefect server start --port 4200",
+    ]
+
+
+def pipeline(config: ConfigFile, overrides: Overrides = None) -> None:
+    """Run validate-data -> train -> evaluate -> register -> promote and print a summary."""
+    cfg = load_or_exit(config, overrides)  # a bad config fails here, before Prefect starts
+    from prefect.flows import load_flow_from_entrypoint
+
+    from llama_adapter_v2.registry.tracking import tracking_uri
+
+    root = project_root()
+    os.chdir(root)
+    flow = load_flow_from_entrypoint(str(root / ENTRYPOINT))
+    started = time.perf_counter()
+    summary = flow(config_path=str(Path(config).resolve()), overrides=list(overrides or []))
+    seconds = time.perf_counter() - started
+    typer.echo("\n".join(summary_lines(summary, tracking_uri(cfg), seconds)))  # type: ignore[arg-type]

@@ -1,0 +1,80 @@
+"""Flow helpers and prefect.yaml, without a Prefect server (the live run is in test_orchestration)."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+from llama_adapter_v2.config import load_config
+
+
+@pytest.fixture(scope="module")
+def flows(repo_root: Path) -> ModuleType:
+    """flows/pipeline.py loaded by path, as a Prefect worker loads a deployment entrypoint."""
+    spec = importlib.util.spec_from_file_location("lav2_pipeline_flows", repo_root / "flows" / "pipeline.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cache_keys_follow_the_sections_each_stage_reads(flows: ModuleType, repo_root: Path) -> None:
+    config = repo_root / "configs" / "demo.yaml"
+    base = load_config(config)
+    more_steps = load_config(config, ["training.steps=7"])
+    other_data = load_config(config, ["data.demo.n_images=12"])
+    stages = ("demo_data", "prepare", "validate", "shard", "demo_base", "train", "evaluate")
+    keys = {stage: flows.stage_key(stage, base, "abc") for stage in stages}
+    assert len(set(keys.values())) == len(stages)
+    assert all(key.startswith(f"lav2-{stage}-abc-") for stage, key in keys.items())
+    changed = {stage for stage in stages if flows.stage_key(stage, more_steps, "abc") != keys[stage]}
+    assert changed == {"train", "evaluate"}
+    changed = {stage for stage in stages if flows.stage_key(stage, other_data, "abc") != keys[stage]}
+    assert changed == set(stages)
+    assert {flows.stage_key(stage, base, "def") for stage in stages}.isdisjoint(keys.values())
+    assert flows.stage_key("train", base, "untracked") is None  # no data version: never cached
+
+
+def test_multi_gpu_training_launches_torchrun(flows: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    command = flows.torchrun_command("configs/demo.yaml", ["training.steps=5"], 4)
+    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node=4", "--no-python"]
+    assert Path(command[4]).name == "lav2"
+    assert command[5:] == ["train", "configs/demo.yaml", "--resume", "--set", "training.steps=5"]
+    monkeypatch.setenv("LAV2_GPUS", "4")
+    assert flows.gpu_count() == 4
+
+
+def test_only_transient_failures_are_retried(flows: ModuleType) -> None:
+    from prefect.states import Completed, Failed
+
+    assert flows.retry_only_transient(None, None, Failed(data=ConnectionResetError("peer went away")))
+    assert flows.retry_only_transient(None, None, Failed(data=OSError(errno.EIO, "disk hiccup")))
+    assert flows.retry_only_transient(None, None, Failed(data=TimeoutError("slow server")))
+    assert not flows.retry_only_transient(None, None, Failed(data=FileNotFoundError(2, "no adapter")))
+    assert not flows.retry_only_transient(None, None, Failed(data=FloatingPointError("loss became nan")))
+    assert not flows.retry_only_transient(None, None, Failed(data=ValueError("bad config")))
+    assert not flows.retry_only_transient(None, None, Completed(data=1))
+
+
+def test_prefect_yaml_deployments(repo_root: Path) -> None:
+    spec = yaml.safe_load((repo_root / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"demo-cpu", "train-gpu"}
+    for deployment in deployments.values():
+        path, _, name = deployment["entrypoint"].partition(":")
+        assert f"def {name}(" in (repo_root / path).read_text()
+        assert (repo_root / deployment["parameters"]["config_path"]).is_file()
+    cpu = deployments["demo-cpu"]["work_pool"]
+    assert cpu["name"] == "cpu" and cpu["job_variables"]["env"]["LAV2_GPUS"] == "0"
+    gpu = deployments["train-gpu"]["work_pool"]
+    variables = gpu["job_variables"]
+    [request] = variables["container_create_kwargs"]["device_requests"]
+    assert gpu["name"] == "gpu" and variables["image"]
+    assert variables["gpus"] == request["count"] == int(variables["env"]["LAV2_GPUS"]) == 8
