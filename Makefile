@@ -25,11 +25,12 @@ help:
 	@echo "make demo   - the whole pipeline on the demo config (sets up .venv on first use)"
 	@echo "make test   - lint and the test suite (sets up .venv on first use)"
 	@echo "make lint   - ruff"
+	@echo "make bench  - benchmarks against peers (benchmarks/README.md; creates benchmarks/.venv-litgpt)"
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(QUIET_PIP)
-	$(BIN)/pip install -q -c requirements/lock.txt -e '.[dev]' $(QUIET_PIP)
+	$(BIN)/pip install -q -c requirements/lock.txt -e '.[dev,bench]' $(QUIET_PIP)
 	touch $@
 
 setup: $(STAMP)
@@ -39,11 +40,27 @@ demo: $(STAMP)
 	@echo "Not built yet: data preparation, training, evaluation, registry and the Prefect pipeline."
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests flows
+	$(BIN)/ruff check src tests flows benchmarks
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests flows
+	$(BIN)/ruff check src tests flows benchmarks
 	$(BIN)/pytest
+
+# LitGPT pins a huggingface-hub that breaks transformers 5.x: it gets its own venv, torch pinned first
+# and held by a constraint so litgpt cannot pull another (CUDA) torch.
+LITGPT_VENV := benchmarks/.venv-litgpt
+LITGPT_VERSION := 0.5.13
+BENCH_ARGS ?=
+
+$(LITGPT_VENV)/.installed:
+	test -x $(LITGPT_VENV)/bin/python || $(PYTHON) -m venv $(LITGPT_VENV)
+	$(LITGPT_VENV)/bin/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(QUIET_PIP)
+	echo "torch==$(TORCH_VERSION)" > $(LITGPT_VENV)/constraints.txt
+	$(LITGPT_VENV)/bin/pip install -q -c $(LITGPT_VENV)/constraints.txt litgpt==$(LITGPT_VERSION) $(QUIET_PIP)
+	touch $@
+
+bench: $(STAMP) $(LITGPT_VENV)/.installed
+	$(BIN)/python -m benchmarks.runner $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
