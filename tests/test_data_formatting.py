@@ -22,7 +22,8 @@ def alpaca(instruction: str, context: str, output: str) -> Record:
 
 @pytest.mark.parametrize(
     "placeholder", ["", "  ", "No input", "No input.", "<noinput>", "Noinput", "noinput", "<No input>",
-                    "<No Input>", "< noinput >", "No Input", "N/A", "None"],
+                    "<No Input>", "< noinput >", "No Input", "N/A", "None", "(No input)", "[noinput]",
+                    '"<noinput>"'],
 )
 def test_placeholder_inputs_select_the_template_without_input(placeholder: str) -> None:
     assert alpaca_prompt("Name a colour.", placeholder) == (
@@ -30,7 +31,8 @@ def test_placeholder_inputs_select_the_template_without_input(placeholder: str) 
     )
 
 
-@pytest.mark.parametrize("real_input", ["John", "No inputs were harmed", "2+2", "<NEWS ARTICLE>"])
+@pytest.mark.parametrize("real_input",
+                         ["John", "No inputs were harmed", "2+2", "<NEWS ARTICLE>", "+", "-- .-"])
 def test_real_inputs_select_the_template_with_input(real_input: str) -> None:
     assert alpaca_prompt("Do it.", real_input) == (
         ALPACA_PREAMBLE + f"### Instruction:\nDo it.\n\n### Input:\n{real_input}\n\n### Response:"

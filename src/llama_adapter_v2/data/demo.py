@@ -177,13 +177,13 @@ def alpaca_tasks(rng: random.Random, count: int) -> list[dict[str, str]]:
 
 
 def _image_conversation(rng: random.Random, image: DrawnImage) -> list[dict[str, str]]:
-    question = "What is drawn in this picture?"
+    question = "What is drawn here?"
     first = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
     answer = " and ".join(f"a {s.words()}" for s in image.shapes)
     turns = [("human", first), ("gpt", with_articles(answer[0].upper() + answer[1:] + "."))]
-    turns += [("human", "What colour is the background?"), ("gpt", f"The background is {image.background}.")]
+    turns += [("human", "What colour is the background?"), ("gpt", f"It is {image.background}.")]
     shape = rng.choice(image.shapes)
-    turns += [("human", f"Where is the {shape.kind}?"), ("gpt", f"The {shape.kind} is {where(shape.place)}.")]
+    turns += [("human", f"Where is the {shape.words()}?"), ("gpt", f"{where(shape.place).capitalize()}.")]
     return [{"from": who, "value": text} for who, text in turns]
 
 
@@ -209,7 +209,8 @@ def conversations(rng: random.Random, images: list[DrawnImage], count: int) -> l
                                     "conversations": _image_conversation(rng, image)}
         else:
             item = {"id": f"chat-{len(items):05d}", "conversations": _text_conversation(rng)}
-        key = json.dumps([item.get("image"), item["conversations"]], sort_keys=True)
+        texts = [turn["value"].replace("<image>", "").strip() for turn in item["conversations"]]
+        key = json.dumps([item.get("image"), texts])  # where <image> sits does not make a new chat
         if key not in seen:
             seen.add(key)
             items.append(item)

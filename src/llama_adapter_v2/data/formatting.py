@@ -17,12 +17,9 @@ ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
 )
-CHAT_SYSTEM = (
-    "A conversation between a curious person and a helpful assistant that answers about the text "
-    "and the image."
-)
+CHAT_SYSTEM = "A chat with a helpful assistant."
 CHAT_SEPARATOR = "###"
-_PLACEHOLDER_INPUTS = {"", "noinput", "none", "na"}
+_PLACEHOLDER_WORDS = {"noinput", "none", "na"}
 
 
 class Tokenizer(Protocol):
@@ -35,8 +32,12 @@ class Tokenizer(Protocol):
 
 
 def is_placeholder_input(text: str) -> bool:
-    """"", "No input", "<noinput>", "< No Input. >", "N/A", "None": no real input was given."""
-    return re.sub(r"[^0-9a-z]", "", text.lower()) in _PLACEHOLDER_INPUTS
+    """"", "No input", "<noinput>", "(No input)", "[noinput]", "N/A", "None": no real input was given.
+
+    Punctuation and case are ignored around the words, but an input of punctuation only (Morse
+    code, "+") is real content.
+    """
+    return not text.strip() or re.sub(r"[^0-9a-z]", "", text.lower()) in _PLACEHOLDER_WORDS
 
 
 def alpaca_prompt(instruction: str, context: str) -> str:

@@ -8,6 +8,7 @@ means shards, validation and the loader never branch on where the data came from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Literal
 
 Role = Literal["user", "assistant"]
@@ -59,8 +60,9 @@ class Record:
 
     @property
     def split_key(self) -> str:
-        """What the train/holdout split hashes: the image for captions (no image in both splits)."""
-        return self.image if self.kind == "caption" and self.image else self.id
+        """What the train/holdout split hashes: the image file name for captions (so no image is in
+        both splits, wherever the clone lives), else the id."""
+        return PurePath(self.image).name if self.kind == "caption" and self.image else self.id
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,236 @@
+"""The three data stages behind ``lav2 data prepare|validate|shard`` and ``dvc.yaml``.
+
+prepare  reads every configured source into one normalised JSONL per kind (problems noted);
+validate runs the GX suites, writes the clean records, the quarantine and the reports;
+shard    splits the clean records into train/holdout webdataset shards.
+Paths inside the written files are relative to the project root, so outputs do not depend on
+where the clone lives.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from llama_adapter_v2.config.schema import Config
+from llama_adapter_v2.data.readers import RawRecord, read_coco, read_instructions
+from llama_adapter_v2.data.records import Kind, Record
+
+KINDS: tuple[Kind, ...] = ("caption", "instruction")
+SUITE_OF: dict[Kind, str] = {"caption": "captions", "instruction": "instructions"}
+
+
+class DataPaths:
+    """Where each stage writes, under ``data.work_dir``."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = Path(work_dir)
+        self.prepared = self.work_dir / "prepared"
+        self.validated = self.work_dir / "validated"
+        self.quarantine = self.work_dir / "quarantine"
+        self.reports = self.work_dir / "reports"
+        self.validation_metrics = self.work_dir / "validation-metrics.json"
+        self.shards = self.work_dir / "shards"
+        self.shard_metrics = self.work_dir / "shard-metrics.json"
+
+    def jsonl(self, folder: Path, kind: Kind) -> Path:
+        return folder / f"{kind}s.jsonl"
+
+
+def write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (json.dumps(item, sort_keys=True) for item in items)  # ASCII escapes: lone surrogates survive
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run the earlier data stage first)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _relative(path: str | None, root: Path) -> str | None:
+    if path is None or not Path(path).is_absolute():
+        return path
+    return os.path.relpath(path, root) if Path(path).resolve().is_relative_to(root.resolve()) else path
+
+
+def raw_from_dict(data: dict[str, Any]) -> RawRecord:
+    return RawRecord(**{**data, "turns": [(role, text) for role, text in data["turns"]]})
+
+
+def rooted(raw: RawRecord, root: Path) -> RawRecord:
+    """The record with its image path made absolute again against the project root."""
+    if raw.image is not None and not Path(raw.image).is_absolute():
+        raw.image = str(root / raw.image)
+    return raw
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(cfg: Config, root: Path) -> dict[str, int]:
+    """Read all sources; write ``prepared/{captions,instructions}.jsonl``. Unreadable files raise."""
+    paths = DataPaths(cfg.data.work_dir)
+    raws: dict[Kind, list[RawRecord]] = {
+        "caption": [r for source in cfg.data.captions for r in read_coco(source)],
+        "instruction": [r for source in cfg.data.instructions for r in read_instructions(source)],
+    }
+    for kind, records in raws.items():
+        for raw in records:
+            raw.image = _relative(raw.image, root)
+            raw.file = _relative(raw.file, root) or raw.file
+        write_jsonl(paths.jsonl(paths.prepared, kind), [asdict(r) for r in records])
+    return {kind: len(records) for kind, records in raws.items()}
+
+
+# --------------------------------------------------------------------------- validate
+
+
+def suite_parameters(cfg: Config) -> dict[str, Any]:
+    limits = cfg.data.validation
+    return {
+        "image_min_side": limits.image_min_side, "image_max_side": limits.image_max_side,
+        "caption_min_chars": limits.caption_min_chars, "caption_max_chars": limits.caption_max_chars,
+        "max_tokens": limits.max_tokens,
+    }
+
+
+def validate_kind(kind: Kind, raws: list[RawRecord], cfg: Config, counter: Any) -> dict[str, Any]:
+    """GX over one kind: clean records, quarantine entries, failures and the raw GX result."""
+    from llama_adapter_v2.data.validation import caption_rows, failures_of, instruction_rows, run_suite
+
+    if not raws:
+        return {"clean": [], "quarantine": [], "failures": [], "gx": None}
+    limits = cfg.data.validation
+    rows = caption_rows(raws, limits) if kind == "caption" else instruction_rows(raws, limits, counter)
+    result = run_suite(SUITE_OF[kind], rows, suite_parameters(cfg))
+    failures = failures_of(result)
+    rules_by_row: dict[int, list[dict[str, Any]]] = {}
+    for failure in failures:
+        broken = {"rule": failure["rule"], "value": failure["value"]}
+        rules_by_row.setdefault(failure["row"], []).append(broken)
+    clean = [raws[i].to_record() for i in range(len(raws)) if i not in rules_by_row]
+    quarantine = [
+        {"id": raws[i].id, "source": raws[i].source, "file": raws[i].file, "index": raws[i].index,
+         "rules": rules, "record": asdict(raws[i])}
+        for i, rules in sorted(rules_by_row.items())
+    ]
+    return {"clean": clean, "quarantine": quarantine, "failures": failures, "gx": result}
+
+
+def validate(cfg: Config, root: Path) -> dict[str, Any]:
+    """Validate the prepared records; write clean, quarantine, summary, HTML report and metrics.
+
+    Raises ``ValidationStoppedError`` (after writing the reports) when a kind's failure fraction is
+    above ``data.validation.max_failure_fraction``, or on any failure with ``on_failure: stop``.
+    """
+    from llama_adapter_v2.data.validation import TokenCounter, ValidationStoppedError
+
+    paths = DataPaths(cfg.data.work_dir)
+    limits = cfg.data.validation
+    counter = TokenCounter(limits.tokenizer)
+    report = _relative(str(paths.reports / "report.html"), root)
+    summary: dict[str, Any] = {"token_counter": counter.description, "report": report}
+    outcomes = {}
+    for kind in KINDS:
+        raws = [rooted(raw_from_dict(d), root) for d in read_jsonl(paths.jsonl(paths.prepared, kind))]
+        outcome = validate_kind(kind, raws, cfg, counter)
+        outcomes[kind] = outcome
+        clean = [replace(r, image=_relative(r.image, root)).to_dict() for r in outcome["clean"]]
+        write_jsonl(paths.jsonl(paths.validated, kind), clean)
+        for entry in outcome["quarantine"]:
+            entry["record"]["image"] = _relative(entry["record"]["image"], root)
+        write_jsonl(paths.jsonl(paths.quarantine, kind), outcome["quarantine"])
+        summary[kind] = kind_summary(len(raws), outcome)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    summary_path = paths.reports / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (paths.reports / "report.html").write_text(render_report(summary, outcomes), encoding="utf-8")
+    metrics = {kind: {k: summary[kind][k] for k in ("input", "clean", "quarantined", "failure_fraction")}
+               for kind in KINDS}
+    metrics_text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    paths.validation_metrics.write_text(metrics_text, encoding="utf-8")
+    for kind in KINDS:
+        counts = summary[kind]
+        too_many = counts["failure_fraction"] > limits.max_failure_fraction
+        if too_many or (limits.on_failure == "stop" and counts["quarantined"]):
+            why = (f"above max_failure_fraction {limits.max_failure_fraction:.2%}" if too_many
+                   else "on_failure is 'stop'")
+            raise ValidationStoppedError(
+                f"{kind} validation stopped: {counts['quarantined']} of {counts['input']} records failed "
+                f"({counts['failure_fraction']:.2%}, {why}); clean {counts['clean']}, quarantined "
+                f"{counts['quarantined']} in {paths.jsonl(paths.quarantine, kind)}; "
+                f"report: {report}, summary: {summary_path}"
+            )
+    return summary
+
+
+def kind_summary(total: int, outcome: dict[str, Any]) -> dict[str, Any]:
+    clean, quarantined = len(outcome["clean"]), len(outcome["quarantine"])
+    if clean + quarantined != total:
+        raise AssertionError(f"lost records: {total} in, {clean} clean + {quarantined} quarantined")
+    return {
+        "input": total, "clean": clean, "quarantined": quarantined,
+        "failure_fraction": round(quarantined / total, 6) if total else 0.0,
+        "by_rule": dict(sorted(Counter(f["rule"] for f in outcome["failures"]).items())),
+        "failures": [{"id": f["id"], "rule": f["rule"], "value": f["value"]} for f in outcome["failures"]],
+    }
+
+
+def render_report(summary: dict[str, Any], outcomes: dict[Kind, dict[str, Any]]) -> str:
+    """A self-contained HTML page of the GX results: every expectation, then every failing record."""
+    esc = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>lav2 data validation</title>",
+             "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:2px 6px}"
+             "table{border-collapse:collapse}.bad{background:#fdd}</style>",
+             f"<h1>Data validation</h1><p>Token counter: {esc(summary['token_counter'])}</p>"]
+    for kind, outcome in outcomes.items():
+        counts = summary[kind]
+        parts.append(f"<h2>{kind}: {counts['input']} in, {counts['clean']} clean, "
+                     f"{counts['quarantined']} quarantined</h2>")
+        if outcome["gx"] is None:
+            continue
+        parts.append("<table><tr><th>rule</th><th>expectation</th><th>column</th><th>ok</th>"
+                     "<th>unexpected</th></tr>")
+        for result in outcome["gx"]["results"]:
+            config = result["expectation_config"]
+            bad = "" if result["success"] else " class='bad'"
+            parts.append(
+                f"<tr{bad}><td>{esc(config['meta'].get('rule', ''))}</td><td>{esc(config['type'])}</td>"
+                f"<td>{esc(str(config['kwargs'].get('column')))}</td><td>{result['success']}</td>"
+                f"<td>{result['result'].get('unexpected_count', 0)}</td></tr>")
+        parts.append("</table><h3>failing records</h3><table><tr><th>id</th><th>rule</th><th>value</th></tr>")
+        parts.extend(f"<tr><td>{esc(f['id'])}</td><td>{esc(f['rule'])}</td><td>{esc(repr(f['value']))}</td></tr>"
+                     for f in outcome["failures"])
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- shard
+
+
+def shard(cfg: Config, root: Path) -> dict[str, dict[str, int]]:
+    """Write ``shards/{caption,instruction}/{train,holdout}`` from the validated records."""
+    from llama_adapter_v2.data.shards import write_shards
+
+    paths = DataPaths(cfg.data.work_dir)
+    counts: dict[str, dict[str, int]] = {}
+    for kind in KINDS:
+        records = []
+        for data in read_jsonl(paths.jsonl(paths.validated, kind)):
+            record = Record.from_dict(data)
+            if record.image is not None and not Path(record.image).is_absolute():
+                record = replace(record, image=str(root / record.image))
+            records.append(record)
+        indexes = write_shards(records, paths.shards / kind, kind=kind,
+                               samples_per_shard=cfg.data.shards.samples_per_shard,
+                               holdout_fraction=cfg.data.holdout_fraction)
+        counts[kind] = {split: index.count for split, index in indexes.items()}
+    paths.shard_metrics.write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return counts
