@@ -16,6 +16,7 @@ from llama_adapter_v2.cli import (
     params_cmd,
     pipeline_cmd,
     registry_cmd,
+    train_cmd,
 )
 
 app = typer.Typer(
@@ -32,6 +33,9 @@ app.command("promote")(registry_cmd.promote)
 app.command("pipeline")(pipeline_cmd.pipeline)
 app.command("params")(params_cmd.params)
 app.command("fold")(fold_cmd.fold)
+app.command("train")(train_cmd.train)
+app.command("demo-base")(train_cmd.demo_base)
+app.command("sync-metrics")(train_cmd.sync_metrics)
 
 
 def main() -> None:

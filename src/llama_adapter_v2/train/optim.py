@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -156,8 +156,3 @@ class Precision:
 
     def make_scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler(self.device_type) if self.mode == "fp16" else None
-
-
-def iter_group_params(groups: dict[str, GroupOptimizer]) -> Iterator[nn.Parameter]:
-    for group in groups.values():
-        yield from group.params
