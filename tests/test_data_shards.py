@@ -11,7 +11,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from llama_adapter_v2.data.formatting import encode_record
 from llama_adapter_v2.data.readers import read_coco, read_instructions
+from llama_adapter_v2.data.records import Record
 from llama_adapter_v2.data.shards import ShardIndex, make_loader, split_of, write_shards
 
 
@@ -136,3 +138,20 @@ def test_batches_pad_with_masked_labels_and_carry_images(shard_root: Path, demo_
         blank = ~batch["has_image"]
         assert (batch["images"][blank] == 0).all()
     assert saw_images and saw_text_only
+
+
+def test_loader_tokens_are_encode_record_of_the_stored_record(shard_root: Path, demo_tokenizer) -> None:
+    folder = shard_root / "instruction/holdout"
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    stored = [Record.from_dict(json.loads(s["json"])) for s in wds.WebDataset(urls, shardshuffle=False)]
+    by_id = {record.id: record for record in stored}
+    rows = 0
+    for batch in make_loader(folder, tokenizer=demo_tokenizer, batch_size=8, max_tokens=40,
+                             image_transform=None, seed=0, epoch=0):
+        assert batch["images"] is None
+        for row, record_id in enumerate(batch["ids"]):
+            ids, labels = encode_record(by_id[record_id], demo_tokenizer, 40)
+            assert batch["input_ids"][row, : len(ids)].tolist() == ids
+            assert batch["labels"][row, : len(ids)].tolist() == labels
+            rows += 1
+    assert rows == len(stored)

@@ -173,13 +173,37 @@ def epoch_order(count: int, *, seed: int, epoch: int, rank: int, world_size: int
     return [int(i) for i in permutation[rank * per_rank : (rank + 1) * per_rank]]
 
 
+class RememberingTokenizer:
+    """The caller's tokenizer, remembering encodings: the prompt template recurs in every sample.
+
+    The memory is bounded (first ``size`` distinct texts), so long epochs of unique responses do
+    not grow it; results are identical to the wrapped tokenizer's.
+    """
+
+    def __init__(self, tokenizer: Any, size: int = 4096):
+        self.tokenizer, self.size = tokenizer, size
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self._known: dict[tuple[str, bool], list[int]] = {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        key = (text, add_special_tokens)
+        ids = self._known.get(key)
+        if ids is None:
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            if len(self._known) < self.size:
+                self._known[key] = ids
+        return list(ids)
+
+
 class ShardSamples:
     """Map-style dataset over one shard folder: reads a sample by its byte range and encodes it."""
 
     def __init__(self, folder: Path, index: ShardIndex, tokenizer: Tokenizer, max_tokens: int,
                  image_transform: Callable[[Any], Any] | None):
         self.folder, self.index = folder, index
-        self.tokenizer, self.max_tokens, self.image_transform = tokenizer, max_tokens, image_transform
+        self.tokenizer = RememberingTokenizer(tokenizer)
+        self.max_tokens, self.image_transform = max_tokens, image_transform
 
     def __len__(self) -> int:
         return self.index.count
