@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +143,16 @@ def train_summary(result: Any) -> dict[str, Any]:
             "seconds": result.seconds}
 
 
-def read_train_result(cfg: Config) -> dict[str, Any]:
-    """What a torchrun-launched training left behind (rank 0 writes ``train-result.json``)."""
-    path = cfg.training.output_dir / "train-result.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_train_result(cfg: Config, seconds: float) -> dict[str, Any]:
+    """What a torchrun-launched training left behind: the newest complete checkpoint names its run."""
+    from llama_adapter_v2.train.checkpoint import latest_complete_checkpoint
+
+    checkpoints = cfg.training.output_dir / "checkpoints"
+    loaded = latest_complete_checkpoint(checkpoints)
+    if loaded is None:
+        raise FileNotFoundError(f"torchrun finished but {checkpoints} holds no complete checkpoint")
+    return {"run_id": loaded.state["run_id"], "adapter_dir": str(cfg.training.output_dir / "adapter"),
+            "checkpoint_dir": str(checkpoints), "final_metrics": {}, "seconds": seconds}
 
 
 def _cached(task_fn: Any, key: str | None, outputs_present: bool) -> Any:
@@ -205,24 +212,26 @@ def train_task(config_path: str, overrides: list[str], cache_key: str | None) ->
     if n_gpus > 1:
         command = torchrun_command(config_path, overrides, n_gpus)
         get_run_logger().info("launching %s", " ".join(command))
+        started = time.perf_counter()
         subprocess.run(command, check=True, cwd=project_root())
-        return read_train_result(cfg)
+        return read_train_result(cfg, time.perf_counter() - started)
     from llama_adapter_v2.train.loop import train
 
     return train_summary(train(cfg, resume=True))
 
 
 @task(name="evaluate", **IO_RETRIES, **task_options)
-def evaluate_task(config_path: str, overrides: list[str], adapter_dir: str, cache_key: str | None
-                  ) -> dict[str, float]:
-    from llama_adapter_v2.evaluate import evaluate
+def evaluate_task(config_path: str, overrides: list[str], adapter_dir: str, run_id: str | None,
+                  cache_key: str | None) -> dict[str, float]:
+    """Scores go into the training's MLflow run, beside its losses."""
+    from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
 
-    return evaluate(load(config_path, overrides), Path(adapter_dir))
+    return evaluate(load(config_path, overrides), Path(adapter_dir), EvalOptions(run_id=run_id))
 
 
-@task(name="register", **IO_RETRIES)
-def register_task(config_path: str, overrides: list[str], run_id: str, adapter_dir: str,
-                  metrics: dict[str, float]) -> dict[str, str]:
+@task(name="register", **IO_RETRIES, **task_options)
+def register_task(config_path: str, overrides: list[str], *, run_id: str, adapter_dir: str,
+                  metrics: dict[str, float], cache_key: str | None) -> dict[str, str]:
     from llama_adapter_v2.registry import register
 
     version = register(load(config_path, overrides), run_id, Path(adapter_dir), metrics)
@@ -279,19 +288,23 @@ def train_flow(config_path: str, overrides: list[str] | None = None, data_hash: 
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_flow(config_path: str, adapter_dir: str, overrides: list[str] | None = None,
-                  data_hash: str = UNTRACKED) -> dict[str, float]:
+def evaluate_flow(config_path: str, *, adapter_dir: str, run_id: str | None = None,
+                  overrides: list[str] | None = None, data_hash: str = UNTRACKED) -> dict[str, float]:
     overrides = overrides or []
     cfg = load(config_path, overrides)
     key = stage_key("evaluate", cfg, data_hash)
     present = (cfg.training.output_dir / "eval" / "metrics.json").is_file()
-    return _cached(evaluate_task, key, present)(config_path, overrides, adapter_dir, cache_key=key)
+    return _cached(evaluate_task, key, present)(config_path, overrides, adapter_dir, run_id, cache_key=key)
 
 
 @flow(name="register", log_prints=True)
 def register_flow(config_path: str, *, run_id: str, adapter_dir: str, metrics: dict[str, float],
                   overrides: list[str] | None = None, data_hash: str = UNTRACKED) -> dict[str, str]:
-    return register_task(config_path, overrides or [], run_id, adapter_dir, metrics)
+    cfg = load(config_path, overrides)
+    inputs = [run_id, adapter_dir, metrics, cfg.tracking.uri, cfg.tracking.registered_model]
+    key = "lav2-register-" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    return register_task(config_path, overrides or [], run_id=run_id, adapter_dir=adapter_dir,
+                         metrics=metrics, cache_key=key)
 
 
 @flow(name="promote", log_prints=True)
@@ -312,12 +325,13 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
     with tags(*labels):
         validate_data(**common)
         trained = train_flow(**common)
-        metrics = evaluate_flow(adapter_dir=trained["adapter_dir"], **common)
+        metrics = evaluate_flow(adapter_dir=trained["adapter_dir"], run_id=trained["run_id"], **common)
         version = register_flow(run_id=trained["run_id"], adapter_dir=trained["adapter_dir"],
                                 metrics=metrics, **common)
         decision = promote_flow(version=version["version"], **common)
     summary = {"config_path": config_path, "overrides": overrides, "data_hash": data_version,
-               "train": trained, "metrics": metrics, "version": version, "promotion": decision}
+               "train": trained, "metrics": metrics, "version": version, "promotion": decision,
+               "metrics_file": str(cfg.training.output_dir / "eval" / "metrics.json")}
     out = project_root() / "artifacts" / "pipeline" / "last-run.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")

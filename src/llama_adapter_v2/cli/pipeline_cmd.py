@@ -19,18 +19,21 @@ from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
 from llama_adapter_v2.environment import project_root
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
+HEADLINE_METRICS = ("caption_cider", "caption_bleu_4", "instruction_rouge_l", "instruction_exact_match")
 
 
 def summary_lines(summary: dict[str, Any], tracking_uri: str, wall_seconds: float) -> list[str]:
     """What a person needs after the demo: the version, its alias, the numbers, where to look."""
-    version, decision = summary["version"], summary["promotion"]
+    version, decision, metrics = summary["version"], summary["promotion"], summary["metrics"]
+    headline = [name for name in (decision["metric"], *HEADLINE_METRICS) if name in metrics]
     alias = f"@{decision['alias']}" if decision["outcome"] == "promoted" else "(alias unchanged)"
     return [
         f"registered model  {version['name']} version {version['version']} {alias}",
         f"promotion         {decision['outcome']}: {decision['reason']}",
         f"data hash         {summary['data_hash']}",
         f"training          {summary['train']['seconds']:.1f} s, MLflow run {summary['train']['run_id']}",
-        "metrics           " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary["metrics"].items())),
+        "metrics           " + ", ".join(f"{name}={metrics[name]:.4g}" for name in dict.fromkeys(headline)),
+        f"all metrics       {summary['metrics_file']} ({len(metrics)} values)",
         f"wall time         {wall_seconds:.1f} s",
         f"MLflow UI         .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000",
         "Prefect UI        PREFECT_HOME=.prefect .venv/bin/prefect server start --port 4200",

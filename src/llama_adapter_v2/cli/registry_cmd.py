@@ -20,6 +20,19 @@ def _read_metrics(path: Path | None) -> dict[str, float] | None:
     return {key: float(value) for key, value in raw.items() if isinstance(value, int | float)}
 
 
+def training_run_id(cfg: object) -> str:
+    """The MLflow run of the newest complete checkpoint (the training that made the adapter)."""
+    from llama_adapter_v2.train.checkpoint import latest_complete_checkpoint
+
+    checkpoints = cfg.training.output_dir / "checkpoints"  # type: ignore[attr-defined]
+    loaded = latest_complete_checkpoint(checkpoints)
+    if loaded is None or not loaded.state.get("run_id"):
+        typer.secho(f"{checkpoints}: no complete checkpoint with an MLflow run id; pass --run-id",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    return str(loaded.state["run_id"])
+
+
 def _decision_line(decision: object) -> str:
     d = decision
     return (f"version {d.version}: {d.outcome} (@{d.alias}: {d.champion_version}) - {d.reason}")  # type: ignore[attr-defined]
@@ -27,8 +40,8 @@ def _decision_line(decision: object) -> str:
 
 def register(  # noqa: PLR0917 - typer maps each parameter to an option
     config: ConfigFile,
-    run_id: Annotated[str, typer.Option(help="MLflow run of the training that made the adapter")],
-    adapter: Annotated[Path, typer.Option(help="Adapter folder (save_adapter format)")],
+    run_id: Annotated[str | None, typer.Option(help="Training run (default: its checkpoint's)")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter (default: <output_dir>/adapter)")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Evaluation metrics JSON (none: unevaluated)")] = None,
     promote: Annotated[bool, typer.Option("--promote", help="Then run the promotion gate on it")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the version (and decision) as JSON here")] = None,
@@ -41,6 +54,8 @@ def register(  # noqa: PLR0917 - typer maps each parameter to an option
     from llama_adapter_v2.registry import register as register_version
 
     cfg = load_or_exit(config, overrides)
+    adapter = adapter or cfg.training.output_dir / "adapter"  # type: ignore[attr-defined]
+    run_id = run_id or training_run_id(cfg)
     version = register_version(cfg, run_id, adapter, _read_metrics(metrics))  # type: ignore[arg-type]
     typer.echo(f"registered {version.name} version {version.version} (evaluation {version.evaluation})")
     record: dict[str, object] = {"version": asdict(version)}
