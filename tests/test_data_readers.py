@@ -144,3 +144,20 @@ def test_real_instruction_files(real_data: Path) -> None:
     assert roles.count("user") == roles.count("assistant") == 91
     assert not any("<image>" in t.text for c in chats for t in c.turns)
     assert all(c.image and c.image.endswith(".jpg") for c in chats)
+
+
+def test_cli_prepare_exits_naming_the_broken_file(tmp_path: Path, repo_root: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llama_adapter_v2.cli.main import app
+
+    broken = write(tmp_path / "broken.json", '[{"instruction": "a",}]')
+    result = CliRunner().invoke(app, [
+        "data", "prepare", str(repo_root / "configs/demo.yaml"),
+        "--set", f"data.instructions=[{{name: b, format: alpaca, path: '{broken}'}}]",
+        "--set", "data.captions=[]", "--set", f"data.work_dir='{tmp_path / 'work'}'",
+    ])
+    assert result.exit_code == 2
+    message = "Expecting property name enclosed in double quotes"
+    assert f"{broken}: JSON syntax: {message} at line 1, column 22" in result.output
+    assert not (tmp_path / "work").exists()

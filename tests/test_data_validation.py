@@ -19,7 +19,7 @@ from PIL import Image
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.config.schema import CaptionSource, InstructionSource, ValidationConfig
 from llama_adapter_v2.data import pipeline
-from llama_adapter_v2.data.readers import read_alpaca, read_coco, read_llava
+from llama_adapter_v2.data.readers import read_alpaca, read_coco, read_llava, read_self_instruct
 from llama_adapter_v2.data.validation import TokenCounter, ValidationStoppedError, inspect_image
 
 LIMITS = ValidationConfig(caption_max_chars=1000, image_min_side=8, max_tokens=300)
@@ -287,3 +287,38 @@ def test_on_failure_stop_stops_at_the_first_failure(demo_data_config: Config, tm
     expected = r"1 of 20 records failed \(5\.00%, on_failure is 'stop'\)"
     with pytest.raises(ValidationStoppedError, match=expected):
         pipeline.validate(cfg, tmp_path)
+
+
+# --------------------------------------------------------------------------- the real-data kit
+
+
+def test_real_data_validation_counts(real_data: Path, demo_data_config: Config) -> None:
+    folder = real_data / "instructions"
+    annotations = real_data / "coco/annotations/captions_sample.json"
+    coco = read_coco(CaptionSource(name="coco", annotations=annotations, images=real_data / "coco/images"))
+    instructions = (read_alpaca(folder / "alpaca_5000.json", "alpaca5k")
+                    + read_alpaca(folder / "alpaca_zh_demo_first200.json", "zh")
+                    + read_alpaca(folder / "alpaca_en_demo_first200.json", "en")
+                    + read_self_instruct(folder / "seed_tasks.jsonl", "seed")
+                    + read_llava(folder / "llava_instruct_first20.json", "llava", real_data / "coco/images"))
+    cfg = demo_data_config.model_copy(deep=True)
+    cfg.data.validation = ValidationConfig(max_tokens=100_000)  # the token rule is pinned elsewhere
+
+    captions = pipeline.validate_kind("caption", coco, cfg, TokenCounter(None))
+    assert (len(captions["clean"]), len(captions["quarantine"])) == (100, 0)
+    gray = [r for r in captions["clean"] if r.image.endswith("000000431848.jpg")]
+    assert len(gray) == 5 and inspect_image(gray[0].image, 10**8).mode == "L"
+
+    outcome = pipeline.validate_kind("instruction", instructions, cfg, TokenCounter(None))
+    assert len(instructions) == 5000 + 200 + 200 + 175 + 20
+    assert len(outcome["clean"]) + len(outcome["quarantine"]) == len(instructions)
+    found = sorted((f["id"], f["rule"], f["value"]) for f in outcome["failures"]
+                   if not f["id"].startswith("llava"))
+    assert found == [
+        ("alpaca5k:2335", "output not empty", ""),
+        ("alpaca5k:4658", "output not empty", ""),
+        ("en:169", "not an exact duplicate", "alpaca5k:2461"),  # the same record is in both files
+    ]
+    absent = [(f["rule"], f["value"]) for f in outcome["failures"] if f["id"].startswith("llava")]
+    assert absent == [(DECODES, "missing file")] * 20
+    assert len(outcome["clean"]) == 5595 - 23

@@ -22,10 +22,13 @@ import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_adapter_v2.data.formatting import IGNORE_INDEX, Tokenizer, encode_record
 from llama_adapter_v2.data.records import Kind, Record
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
 
 Split = Literal["train", "holdout"]
 INDEX_FILE = "index.json"
@@ -265,7 +268,7 @@ class _Collator:
 
 def make_loader(shard_dir: Path | str, *, tokenizer: Any, batch_size: int, max_tokens: int,
                 image_transform: Callable[[Any], Any] | None, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1, skip_batches: int = 0, num_workers: int = 0):
+                world_size: int = 1, skip_batches: int = 0, num_workers: int = 0) -> DataLoader:
     """Batches of one shard folder for one epoch on one rank (see the module docstring)."""
     from torch.utils.data import DataLoader
 

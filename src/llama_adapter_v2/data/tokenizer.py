@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path | str):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path | str) -> PreTrainedTokenizerBase:
     """Train BPE on ``texts``, save it to ``out_dir`` (offline-reloadable) and return it reloaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
