@@ -158,3 +158,12 @@ def test_too_many_layers_fail_clearly() -> None:
     cfg.model.adapter.prompt_layers = 4
     with pytest.raises(AdapterConfigError, match="overlap"):
         build_model(cfg)
+
+
+def test_random_gate_init_ablation_departs_from_the_base_at_once() -> None:
+    cfg = tiny_config({"gate_init": "random"})
+    tokens = token_batch()
+    model = build_model(cfg).eval()
+    assert all(bool((a.gate != 0).all()) for a in model.prompted_attentions())
+    with torch.no_grad():
+        assert (model(tokens).logits - _frozen_base_logits(cfg, tokens)).abs().max() > 1e-4
