@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_STEPS, tiny_config
+from tiny_project import TINY_STEPS, tiny_config
 
 from llama_adapter_v2.config import load_config
 from llama_adapter_v2.config.schema import TrainingConfig

@@ -462,8 +462,10 @@ def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResul
         (out / "parameters.json").write_text(json.dumps(parameter_report(trainer.model), indent=2) + "\n")
         plots = draw_all(trainer.history, out / "plots")
         tracker.log_step(trainer.step, {"tracking/overhead_fraction": final["tracking/overhead_fraction"]})
-        for path in [out / "config.yaml", out / "parameters.json", *plots]:
+        for path in (out / "config.yaml", out / "parameters.json"):
             tracker.log_artifact(path)
+        for path in plots:
+            tracker.log_artifact(path, "plots")
         tracker.log_artifact(adapter_dir, "adapter")
         if (trainer.checkpoints / ckpt.BEST).is_dir():
             tracker.log_artifact(trainer.checkpoints / ckpt.BEST, "checkpoints/best")
