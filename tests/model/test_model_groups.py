@@ -105,3 +105,26 @@ def test_tiny_counts_follow_the_formulas() -> None:
     block = norms + attention + (bridge * 4 * bridge + 4 * bridge) + (4 * bridge * bridge + bridge)
     visual_proj = 32 * width + width + 2 * width
     assert counts.by_kind["visual"] == clip_proj + query + block + visual_proj
+
+
+def test_prompts_and_gates_learn_over_optimizer_steps() -> None:
+    """Prompt keys/values are rebuilt each step, so prompt updates keep reaching the loss."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).train()
+    model.set_trainable(["language"])
+    optimizer = torch.optim.AdamW([p for _, p in model.parameter_groups()["language"]], lr=1e-2)
+    tokens = token_batch()
+    prompt = model.base.model.layers[3].self_attn.prompt
+    start = prompt.detach().clone()
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(tokens, labels=_caption_labels(tokens)).loss
+        assert loss is not None
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05
+    assert not torch.equal(prompt.detach(), start)
+    assert prompt.grad is not None and prompt.grad.abs().sum() > 0
+    assert all(value > 0 for name, value in model.gate_values().items() if name.endswith("adaptation"))
