@@ -123,7 +123,7 @@ def test_prompts_and_gates_learn_over_optimizer_steps() -> None:
         assert loss is not None
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05
     assert not torch.equal(prompt.detach(), start)
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0
