@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_project import TINY_STEPS, tiny_config
+from tiny_project import ONE_PROCESS_HOLDOUT, PINNED_LOSSES, TINY_STEPS, tiny_config
 
 from llama_adapter_v2.config import load_config
 from llama_adapter_v2.config.schema import TrainingConfig
@@ -15,10 +15,6 @@ from llama_adapter_v2.train.distributed import DistContext
 from llama_adapter_v2.train.loop import Trainer, steps_per_group, task_schedule, train
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-# Recorded from a real run of the tiny config (12 steps, fp32, CPU); a change that breaks
-# learning, the schedule, the data order or the loss moves these.
-PINNED_LOSSES = [4.6325, 4.4826, 4.5177, 4.3007, 4.5515, 4.2190,
-                 4.2182, 4.6259, 4.1686, 4.1683, 4.5739, 4.4937]
 PINNED_TASKS = ["caption", "instruction", "instruction", "caption", "instruction", "caption",
                 "caption", "instruction", "caption", "caption", "instruction", "instruction"]
 
@@ -78,6 +74,9 @@ def test_pinned_loss_curve_of_the_tiny_config(tiny_project: Path, tmp_path: Path
     assert [step for step, _, _ in result.losses] == list(range(1, TINY_STEPS + 1))
     assert [loss for _, _, loss in result.losses] == pytest.approx(PINNED_LOSSES, abs=2e-3)
     metrics = result.final_metrics
+    for task, (initial, final) in ONE_PROCESS_HOLDOUT.items():
+        assert metrics[f"holdout_initial/{task}"] == pytest.approx(initial, abs=2e-3)
+        assert metrics[f"holdout/{task}"] == pytest.approx(final, abs=2e-3)
     assert metrics["holdout/caption"] < metrics["holdout_initial/caption"] - 0.3
     # outputs: final adapter, checkpoints kept (last 2 + best), plots, config, parameter report
     assert sorted(p.name for p in result.checkpoint_dir.iterdir()) == ["best", "step-0000008", "step-0000012"]
