@@ -11,6 +11,8 @@ from PIL import Image
 from tiny_models import TINY_CLIP, TINY_LLAMA, image_batch, tiny_config, token_batch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    CLIPConfig,
+    CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     GPT2Config,
@@ -167,3 +169,20 @@ def test_load_tokenizer_reads_the_base_folder(tmp_path: Path) -> None:
     cfg = tiny_config()
     cfg.model.base.path = tmp_path
     assert load_tokenizer(cfg)("hello world")["input_ids"] == [3, 4]
+
+
+def test_full_clip_folder_gives_the_vision_tower_and_its_projection(tmp_path: Path) -> None:
+    """A whole CLIPModel folder (as openai/clip-vit-large-patch14 ships): vision side only."""
+    tower_arch = {k: v for k, v in TINY_CLIP.items() if k != "projection_dim"}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    full = CLIPModel(CLIPConfig(vision_config=tower_arch, text_config=text, projection_dim=48)).eval()
+    full.save_pretrained(tmp_path / "clip")
+    raw = tiny_config().model_dump(mode="json")
+    raw["model"]["vision"] = {"path": str(tmp_path / "clip")}
+    model = build_model(Config.model_validate(raw))
+    assert model.clip is not None and model.clip.width == 48
+    images = image_batch()
+    with torch.no_grad():
+        tokens = full.vision_model(pixel_values=images).last_hidden_state
+        expected = full.visual_projection(full.vision_model.post_layernorm(tokens))
+        assert torch.equal(model.clip(images), expected)

@@ -129,6 +129,8 @@ def build_clip(vision: VisionTowerConfig, *, device: torch.device, dtype: torch.
                 "not a CLIP checkpoint"
             )
         config = CLIPVisionConfig.from_pretrained(vision.path, local_files_only=True)
+        if data["model_type"] == "clip":  # a full CLIP folder keeps the projection width at the top
+            config.projection_dim = data.get("projection_dim", config.projection_dim)
         with_projection = _has_visual_projection(vision.path)
     else:
         assert vision.arch is not None
@@ -136,7 +138,7 @@ def build_clip(vision: VisionTowerConfig, *, device: torch.device, dtype: torch.
         with_projection = True
     tower_class = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
     if folder is not None and device.type != "meta":
-        tower = tower_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        tower = tower_class.from_pretrained(folder, config=config, local_files_only=True, dtype=dtype)
         return tower.to(device).eval()
     return _seeded_build(tower_class, config, device, dtype).eval()
 
