@@ -128,3 +128,9 @@ def test_prompts_and_gates_learn_over_optimizer_steps() -> None:
     assert not torch.equal(prompt.detach(), start)
     assert prompt.grad is not None and prompt.grad.abs().sum() > 0
     assert all(value > 0 for name, value in model.gate_values().items() if name.endswith("adaptation"))
+
+
+def test_an_unknown_group_name_is_refused() -> None:
+    model = build_model(tiny_config())
+    with pytest.raises(ValueError, match="unknown parameter group 'vision'; the groups are"):
+        model.set_trainable(["vision"])  # type: ignore[list-item]

@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNor
 
 from llama_adapter_v2.config.schema import AdapterConfig, ModelConfig
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
-from llama_adapter_v2.model.attention import PromptedLlamaAttention, PromptKV
+from llama_adapter_v2.model.attention import PromptedLlamaAttention, PromptKV, PromptSource
 from llama_adapter_v2.model.groups import Group, check_group_names, split_into_groups
 from llama_adapter_v2.model.vision import ClipImageTransform, ClipTower, FrozenClipEncoder, VisualBridge
 
@@ -152,15 +152,15 @@ class LlamaAdapterV2(nn.Module):
 
     def _wrap_attention(self) -> None:
         adapter = self.adapter_config
-        sources = {index: "visual" for index in self.plan.visual_layers}
-        sources.update({index: "adaptation" for index in self.plan.prompt_layers})
+        sources: dict[int, PromptSource] = dict.fromkeys(self.plan.visual_layers, "visual")
+        sources.update(dict.fromkeys(self.plan.prompt_layers, "adaptation"))
         for index, source in sources.items():
             layer = self.base.model.layers[index]
             attention = layer.self_attn
             assert isinstance(attention, LlamaAttention)
             layer.self_attn = PromptedLlamaAttention(
                 attention,
-                source=source,  # type: ignore[arg-type]
+                source=source,
                 prompt_len=adapter.prompt_len,
                 gate=adapter.gate,
                 gate_init=adapter.gate_init,

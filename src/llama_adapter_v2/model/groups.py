@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from torch import nn
 
@@ -45,8 +45,9 @@ def split_into_groups(
 
 def check_group_names(names: Iterable[str]) -> list[Group]:
     """Validate group names given by a caller (trainer, CLI); the error lists the valid ones."""
-    chosen = list(names)
-    unknown = [name for name in chosen if name not in GROUPS]
-    if unknown:
-        raise ValueError(f"unknown parameter group(s) {unknown}; the groups are {list(GROUPS)}")
-    return chosen  # type: ignore[return-value]
+    chosen: list[Group] = []
+    for name in names:
+        if name not in GROUPS:
+            raise ValueError(f"unknown parameter group {name!r}; the groups are {list(GROUPS)}")
+        chosen.append(cast(Group, name))
+    return chosen
