@@ -10,8 +10,10 @@ import typer
 
 import llama_adapter_v2  # noqa: F401 - applies the offline environment first
 from llama_adapter_v2.cli import (
+    ablate_cmd,
     config_cmd,
     data_cmd,
+    eval_cmd,
     fold_cmd,
     params_cmd,
     pipeline_cmd,
@@ -36,6 +38,10 @@ app.command("fold")(fold_cmd.fold)
 app.command("train")(train_cmd.train)
 app.command("demo-base")(train_cmd.demo_base)
 app.command("sync-metrics")(train_cmd.sync_metrics)
+app.command("evaluate")(eval_cmd.evaluate)
+app.command("generate")(eval_cmd.generate)
+app.command("chat")(eval_cmd.chat)
+app.command("ablate")(ablate_cmd.ablate)
 
 
 def main() -> None:

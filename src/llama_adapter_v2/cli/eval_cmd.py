@@ -1,0 +1,181 @@
+"""``lav2 evaluate``, ``lav2 generate`` and ``lav2 chat`` (torch, transformers, mlflow load inside)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
+
+if TYPE_CHECKING:
+    from llama_adapter_v2.evaluate.generation import GenerationSettings
+
+ModelSource = Annotated[
+    str,
+    typer.Option("--model", help="adapter folder (e.g. artifacts/train/demo/adapter) or models:/name@alias"),
+]
+ImagePath = Annotated[
+    Path | None, typer.Option("--image", exists=True, dir_okay=False, help="image file (RGB-converted)")
+]
+Experts = Annotated[
+    list[str] | None,
+    typer.Option("--expert", help="image-to-text expert for the input slot: ocr | caption (repeatable)"),
+]
+CaptionModel = Annotated[
+    str | None, typer.Option("--caption-model", help="caption expert's model (folder or models:/...)")
+]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1)]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+Seed = Annotated[int, typer.Option("--seed")]
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def evaluate(
+    config: ConfigFile,
+    *,
+    overrides: Overrides = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="adapter folder; default <training.output_dir>/adapter")
+    ] = None,
+    zero_init: Annotated[
+        bool, typer.Option("--zero-init", help="evaluate the untrained (zero-init) adapter: the baseline")
+    ] = False,
+    choices: Annotated[
+        list[Path] | None,
+        typer.Option("--choices", exists=True, dir_okay=False, help="MMLU-layout JSONL (repeatable)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="default <training.output_dir>/eval")] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="MLflow run to log into")] = None,
+    max_images: Annotated[int | None, typer.Option("--max-images", min=1)] = None,
+    max_instructions: Annotated[int | None, typer.Option("--max-instructions", min=1)] = None,
+) -> None:
+    """Score an adapter on the held-out captions and instructions; write eval/metrics.json."""
+    _log_to_stderr()
+    from llama_adapter_v2.evaluate.report import metrics_table
+    from llama_adapter_v2.evaluate.run import EvalOptions
+    from llama_adapter_v2.evaluate.run import evaluate as run_evaluation
+
+    cfg = load_or_exit(config, overrides)
+    adapter_dir = None if zero_init else adapter or cfg.training.output_dir / "adapter"
+    options = EvalOptions(
+        choice_files=tuple(choices or ()), out_dir=out, run_id=run_id,
+        max_images=max_images, max_instructions=max_instructions,
+    )
+    try:
+        metrics = run_evaluation(cfg, adapter_dir, options)
+    except FileNotFoundError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(metrics_table(metrics))
+    typer.echo(f"written to {out or cfg.training.output_dir / 'eval'}")
+
+
+def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> GenerationSettings:
+    from llama_adapter_v2.evaluate.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _experts(names: list[str] | None, caption_model: str | None) -> list[Any]:
+    from llama_adapter_v2.config.schema import ExpertConfig
+    from llama_adapter_v2.experts import ExpertUnavailableError, build_experts
+
+    kinds: list[Literal["caption", "ocr"]] = []
+    for name in names or []:
+        if name not in ("caption", "ocr"):
+            raise typer.BadParameter(f"unknown expert {name!r}: choose ocr or caption", param_hint="--expert")
+        kinds.append(name)  # type: ignore[arg-type]
+    try:
+        return build_experts([ExpertConfig(kind=kind, model=caption_model) for kind in kinds])
+    except ExpertUnavailableError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _load(model: str) -> Any:
+    from llama_adapter_v2.evaluate.loading import load_for_inference
+
+    try:
+        return load_for_inference(model)
+    except FileNotFoundError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _image(path: Path | None) -> Any:
+    from PIL import Image
+
+    if path is None:
+        return None
+    with Image.open(path) as raw:
+        return raw.convert("RGB")
+
+
+def generate(
+    *,
+    model: ModelSource,
+    prompt: Annotated[str, typer.Option("--prompt", help="the instruction")],
+    image: ImagePath = None,
+    context: Annotated[str, typer.Option("--input", help="input for the template's input slot")] = "",
+    expert: Experts = None,
+    caption_model: CaptionModel = None,
+    max_new_tokens: MaxNew = 64,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+) -> None:
+    """Answer one instruction (about an optional image) with an adapted model."""
+    from llama_adapter_v2.evaluate.generation import generate_texts, instruction_prompt
+    from llama_adapter_v2.experts import expert_context
+
+    loaded = _load(model)
+    picture = _image(image)
+    slot = expert_context(_experts(expert, caption_model), picture, context)
+    settings = _settings(max_new_tokens, temperature, top_p, seed)
+    request = instruction_prompt(prompt, slot, picture)
+    [text] = generate_texts(loaded.model, loaded.tokenizer, [request], settings)
+    typer.echo(text)
+
+
+def chat(
+    *,
+    model: ModelSource,
+    image: ImagePath = None,
+    expert: Experts = None,
+    caption_model: CaptionModel = None,
+    max_new_tokens: MaxNew = 64,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
+) -> None:
+    """Multi-turn chat in the terminal (empty line or Ctrl-D ends it); history trimmed to fit."""
+    from llama_adapter_v2.evaluate.chat import ChatSession, ContextTooLongError
+
+    loaded = _load(model)
+    session = ChatSession(
+        loaded.model, loaded.tokenizer, image=_image(image), experts=_experts(expert, caption_model),
+        settings=_settings(max_new_tokens, temperature, top_p, seed),
+    )
+    typer.echo("Chat started (empty line or Ctrl-D to end).", err=True)
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        try:
+            result = session.ask(question)
+        except ContextTooLongError as err:
+            typer.secho(str(err), fg=typer.colors.RED, err=True)
+            continue
+        dropped = (len(session.history) - 2 - len(result.kept_history)) // 2
+        note = f"  [{dropped} oldest exchange(s) left out to fit the context]" if dropped else ""
+        typer.echo(f"assistant> {result.text}{note}")

@@ -1,0 +1,40 @@
+"""Ablation variants apply to the demo config; early losses and the table are computed as stated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llama_adapter_v2.config import load_config
+from llama_adapter_v2.evaluate.ablations import ablation_table, early_losses, read_variants
+
+
+def test_shipped_variants_validate_on_the_demo_config(repo_root: Path) -> None:
+    variants = read_variants(repo_root / "configs" / "ablations" / "variants.yaml")
+    assert [v.name for v in variants] == ["paper", "all-params-mixed", "additive-fusion", "random-gates"]
+    configs = {v.name: load_config(repo_root / "configs" / "demo.yaml", v.overrides) for v in variants}
+    assert configs["paper"].training.trainable == "disjoint"
+    assert configs["all-params-mixed"].training.trainable == "all"
+    assert configs["additive-fusion"].model.adapter.visual_fusion == "additive"
+    assert configs["random-gates"].model.adapter.gate_init == "random"
+
+
+def test_bad_variant_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "variants.yaml"
+    path.write_text("x: {overrides: [training.steps]}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="key=value"):
+        read_variants(path)
+    path.write_text("x: {description: no overrides list}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="needs a list `overrides`"):
+        read_variants(path)
+
+
+def test_early_losses_and_table() -> None:
+    losses = [(1, "caption", 4.0), (2, "instruction", 3.0), (3, "caption", 2.0), (4, "caption", 1.0)]
+    assert early_losses(losses, first_steps=3) == {"early_loss_caption": 3.0, "early_loss_instruction": 3.0}
+    table = ablation_table({"zero-init": {"caption_cider": 0.01}, "paper": {"caption_cider": 1.23456}})
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | CIDEr-D | BLEU-4 |")
+    assert lines[2].startswith("| zero-init | 0.010 |  |")
+    assert lines[3].startswith("| paper | 1.235 |")

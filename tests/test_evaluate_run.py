@@ -1,0 +1,201 @@
+"""The evaluation run end to end on a tiny model and hand-made held-out shards (real Java scorers,
+real MLflow sqlite store); the CLI's generate and chat on an adapter folder (in process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from tiny_models import random_gates, tiny_config, write_tiny_base
+
+from llama_adapter_v2.data.records import Record, Turn, caption_record
+from llama_adapter_v2.data.shards import write_split
+from llama_adapter_v2.evaluate.instruction_metrics import InstructionSample, score_instructions
+from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
+
+
+def held_out_records(folder: Path) -> tuple[list[Record], list[Record]]:
+    captions, instructions = [], []
+    for name, rgb in COLOURS.items():
+        path = folder / f"{name}.png"
+        image = Image.new("RGB", (40, 40), "white")
+        ImageDraw.Draw(image).ellipse((8, 8, 32, 32), fill=rgb)
+        image.save(path)
+        for n, text in enumerate([f"a {name} circle", f"a {name} circle on white"]):
+            captions.append(caption_record(f"{name}-{n}", "tiny-coco", text, str(path), {}))
+    for task, question, reply in [
+        ("sums", "What is 2 plus 3?", "5"),
+        ("sums", "What is 1 plus 1?", "2"),
+        ("colours", "What colour is grass?", "Grass is green."),
+    ]:
+        turns = (Turn("user", question), Turn("assistant", reply))
+        record = Record(f"{task}-{question}", task, "instruction", "alpaca", turns)
+        instructions.append(record)
+    chat = (
+        Turn("user", "What is drawn?"),
+        Turn("assistant", "A red circle."),
+        Turn("user", "Where?"),
+        Turn("assistant", "In the middle."),
+    )
+    instructions.append(
+        Record("chat-0", "tiny-chat", "instruction", "chat", chat, image=str(folder / "red.png"))
+    )
+    return captions, instructions
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from llama_adapter_v2.model.build import build_model
+    from llama_adapter_v2.model.checkpoint import save_adapter
+
+    root = tmp_path_factory.mktemp("eval-run")
+    cfg = tiny_config(write_tiny_base(root / "base"))
+    cfg.data.work_dir = root / "data"
+    cfg.training.output_dir = root / "train"
+    cfg.tracking.uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg.tracking.artifact_root = root / "artifacts"
+    cfg.tracking.experiment = "tiny-eval"
+    captions, instructions = held_out_records(root)
+    write_split(captions, cfg.data.work_dir / "shards" / "caption" / "holdout", "caption", "holdout", 4)
+    write_split(
+        instructions, cfg.data.work_dir / "shards" / "instruction" / "holdout", "instruction", "holdout", 2
+    )
+    model = build_model(cfg).eval()
+    random_gates(model, seed=2)
+    adapter = save_adapter(model, root / "train" / "adapter")
+    choices = root / "mmlu.jsonl"
+    choices.write_text(
+        '{"question": "What is 2 plus 3?", "choices": ["5", "7"], "answer": 0}\n', encoding="utf-8"
+    )
+
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    from llama_adapter_v2.registry.tracking import ensure_experiment
+
+    with mlflow.start_run(experiment_id=ensure_experiment(cfg)) as run:
+        run_id = run.info.run_id
+    options = EvalOptions(
+        caption_tokens=8,
+        instruction_tokens=8,
+        choice_files=(choices,),
+        run_id=run_id,
+        phrasings=("Generate caption of this image", "Describe this image."),
+    )
+    metrics = evaluate(cfg, adapter, options)
+    return {
+        "cfg": cfg,
+        "model": model,
+        "metrics": metrics,
+        "run_id": run_id,
+        "root": root,
+        "adapter": adapter,
+    }
+
+
+def test_metrics_file_is_flat_and_consistent_with_per_sample_outputs(tiny_run: dict[str, Any]) -> None:
+    out = tiny_run["cfg"].training.output_dir / "eval"
+    metrics = tiny_run["metrics"]
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for key in [
+        "caption_bleu_4",
+        "caption_cider",
+        "caption_meteor",
+        "caption_rouge_l",
+        "instruction_rouge_l",
+        "instruction_exact_match",
+        "instruction_sums_exact_match",
+        "instruction_tiny_chat_rouge_l",
+        "caption_loss",
+        "instruction_loss",
+        "caption_cider_words_phrasing_std",
+        "mc_mmlu_accuracy",
+        "mc_mmlu_accuracy_norm",
+    ]:
+        assert key in metrics, key
+    captions = json.loads((out / "captions.json").read_text())
+    assert len(captions["images"]) == 3
+    assert sorted(len(row["references"]) for row in captions["images"]) == [2, 2, 2]
+    per_image_cider = [row["cider"] for row in captions["images"]]
+    assert metrics["caption_cider"] == pytest.approx(sum(per_image_cider) / 3)  # CIDEr-D: mean over images
+    rows = json.loads((out / "instructions.json").read_text())
+    assert [row["task"] for row in rows] == ["sums", "sums", "colours", "tiny_chat"]
+    assert rows[3]["reference"] == "In the middle."
+    assert rows[3]["prompt"].endswith("Human: Where?###Assistant:")
+    again = score_instructions(InstructionSample(r["task"], r["prediction"], r["reference"]) for r in rows)
+    assert metrics["instruction_rouge_l"] == pytest.approx(again["rouge_l"])
+    assert "| caption_cider |" in (out / "metrics.md").read_text()
+
+
+def test_holdout_loss_matches_a_direct_forward(tiny_run: dict[str, Any]) -> None:
+    from llama_adapter_v2.data.formatting import encode_record
+    from llama_adapter_v2.model.build import load_tokenizer
+
+    cfg, model = tiny_run["cfg"], tiny_run["model"]
+    tokenizer = load_tokenizer(cfg)
+    _, instructions = held_out_records(tiny_run["root"])
+    total = tokens = 0.0
+    with torch.no_grad():
+        for record in instructions:
+            ids, labels = encode_record(record, tokenizer, cfg.training.max_tokens_instruction)
+            image = None
+            if record.image:
+                with Image.open(record.image) as raw:
+                    image = model.image_transform(raw.convert("RGB")).unsqueeze(0)
+            loss = model(torch.tensor([ids]), labels=torch.tensor([labels]), images=image).loss
+            count = sum(label != -100 for label in labels[1:])
+            total, tokens = total + float(loss) * count, tokens + count
+    assert tiny_run["metrics"]["instruction_loss"] == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_metrics_and_table_logged_to_the_given_mlflow_run(tiny_run: dict[str, Any]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tiny_run["cfg"].tracking.uri)
+    run = client.get_run(tiny_run["run_id"])
+    assert run.data.metrics["eval/caption_cider"] == pytest.approx(tiny_run["metrics"]["caption_cider"])
+    logged = {item.path for item in client.list_artifacts(tiny_run["run_id"], "eval")}
+    assert {
+        "eval/metrics.json",
+        "eval/metrics.md",
+        "eval/captions.json",
+        "eval/instructions.json",
+    } <= logged
+
+
+def test_cli_generate_and_chat_on_an_adapter_folder(tiny_run: dict[str, Any]) -> None:
+    from llama_adapter_v2.evaluate.chat import ChatSession
+    from llama_adapter_v2.evaluate.generation import GenerationSettings, generate_texts, instruction_prompt
+    from llama_adapter_v2.model.build import load_tokenizer
+
+    model, tokenizer = tiny_run["model"], load_tokenizer(tiny_run["cfg"])
+    image_path = tiny_run["root"] / "blue.png"
+    from typer.testing import CliRunner
+
+    from llama_adapter_v2.cli.main import app
+
+    runner = CliRunner()
+    common = ["--model", str(tiny_run["adapter"]), "--max-new-tokens", "6", "--image", str(image_path)]
+    generated = runner.invoke(app, ["generate", *common, "--prompt", "What is drawn?"])
+    assert generated.exit_code == 0, generated.output
+    with Image.open(image_path) as raw:
+        picture = raw.convert("RGB")
+    settings = GenerationSettings(max_new_tokens=6)
+    [expected] = generate_texts(
+        model, tokenizer, [instruction_prompt("What is drawn?", "", picture)], settings
+    )
+    assert generated.stdout.strip() == expected
+    chatted = runner.invoke(app, ["chat", *common], input="What is drawn?\nAnd the colour?\n")
+    assert chatted.exit_code == 0, chatted.output
+    session = ChatSession(model, tokenizer, image=picture, settings=settings)
+    answers = [session.ask("What is drawn?").text, session.ask("And the colour?").text]
+    assert chatted.stdout.split("you> ")[1:] == [f"assistant> {a}\n" for a in answers] + [""]
+    missing = runner.invoke(app, ["generate", "--model", str(tiny_run["root"]), "--prompt", "hi"])
+    assert missing.exit_code == 2
+    assert "not an adapter folder" in missing.stderr
