@@ -52,7 +52,9 @@ def evaluate(
         typer.Option("--choices", exists=True, dir_okay=False, help="MMLU-layout JSONL (repeatable)"),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="default <training.output_dir>/eval")] = None,
-    run_id: Annotated[str | None, typer.Option("--run-id", help="MLflow run to log into")] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="MLflow run to log into; default: the training run")
+    ] = None,
     max_images: Annotated[int | None, typer.Option("--max-images", min=1)] = None,
     max_instructions: Annotated[int | None, typer.Option("--max-instructions", min=1)] = None,
 ) -> None:
@@ -64,6 +66,8 @@ def evaluate(
 
     cfg = load_or_exit(config, overrides)
     adapter_dir = None if zero_init else adapter or cfg.training.output_dir / "adapter"
+    if run_id is None and cfg.tracking.enabled and not zero_init:
+        run_id = _training_run_id(cfg.training.output_dir / "checkpoints")
     options = EvalOptions(
         choice_files=tuple(choices or ()), out_dir=out, run_id=run_id,
         max_images=max_images, max_instructions=max_instructions,
@@ -75,6 +79,14 @@ def evaluate(
         raise typer.Exit(code=2) from None
     typer.echo(metrics_table(metrics))
     typer.echo(f"written to {out or cfg.training.output_dir / 'eval'}")
+
+
+def _training_run_id(checkpoints: Path) -> str | None:
+    """The MLflow run that trained the adapter (recorded in its newest checkpoint), if any."""
+    from llama_adapter_v2.train.checkpoint import latest_complete_checkpoint
+
+    loaded = latest_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    return str(loaded.state["run_id"]) if loaded is not None and loaded.state.get("run_id") else None
 
 
 def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> GenerationSettings:
