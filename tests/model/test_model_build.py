@@ -186,3 +186,13 @@ def test_full_clip_folder_gives_the_vision_tower_and_its_projection(tmp_path: Pa
         tokens = full.vision_model(pixel_values=images).last_hidden_state
         expected = full.visual_projection(full.vision_model.post_layernorm(tokens))
         assert torch.equal(model.clip(images), expected)
+
+
+def test_cli_reports_model_errors_without_a_traceback(tmp_path: Path) -> None:
+    demo = str(REPO / "configs" / "demo.yaml")
+    overrides = ["--set", "model.adapter.visual_fusion=additive", "--set", "model.adapter.visual.n_query=5"]
+    params = CliRunner().invoke(app, ["params", demo, *overrides])
+    assert params.exit_code == 2
+    assert "model.adapter.visual.n_query: additive fusion adds the 5 visual tokens" in params.output
+    fold = CliRunner().invoke(app, ["fold", "--adapter", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert fold.exit_code == 2 and "no adapter metadata" in fold.output

@@ -19,14 +19,18 @@ def fold(
     from rich.console import Console
 
     from llama_adapter_v2.config.schema import Config
-    from llama_adapter_v2.model.build import build_model
-    from llama_adapter_v2.model.checkpoint import load_adapter, saved_model_config
+    from llama_adapter_v2.model.build import BaseModelError, build_model
+    from llama_adapter_v2.model.checkpoint import AdapterMismatchError, load_adapter, saved_model_config
     from llama_adapter_v2.model.fold import export_folded
 
     console = Console(stderr=True)
-    model_config = saved_model_config(adapter)
-    with console.status(f"building the base of {adapter} and loading the adapter"):
-        model = load_adapter(build_model(Config(name="fold", model=model_config)), adapter)
+    try:
+        model_config = saved_model_config(adapter)
+        with console.status(f"building the base of {adapter} and loading the adapter"):
+            model = load_adapter(build_model(Config(name="fold", model=model_config)), adapter)
+    except (FileNotFoundError, AdapterMismatchError, BaseModelError) as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
     with console.status(f"folding into {out}"):
         stock = export_folded(model, out, tokenizer_from=model_config.base.path)
     if stock == out:

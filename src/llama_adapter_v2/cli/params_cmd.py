@@ -21,12 +21,17 @@ def params(
     from rich.console import Console
     from rich.table import Table
 
-    from llama_adapter_v2.model.build import build_model
+    from llama_adapter_v2.model.adapter import AdapterConfigError
+    from llama_adapter_v2.model.build import BaseModelError, build_model
     from llama_adapter_v2.model.groups import GROUPS
     from llama_adapter_v2.model.params import KINDS, count_parameters
 
     cfg = load_or_exit(config, overrides)
-    counts = count_parameters(build_model(cfg, device="meta", dtype=torch.float32))
+    try:
+        counts = count_parameters(build_model(cfg, device="meta", dtype=torch.float32))
+    except (AdapterConfigError, BaseModelError) as err:
+        typer.secho(f"{config}: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
     if as_json:
         typer.echo(json.dumps({"config": str(Path(config)), "name": cfg.name, **counts.as_dict()}, indent=2))
         return
