@@ -133,6 +133,8 @@ class LlamaAdapterV2(nn.Module):
     # ------------------------------------------------------------------ construction
 
     def _wrap_linears(self) -> None:
+        """Bias and scale go on ``bias_targets`` (one list for both, as in the paper and C65);
+        LoRA on ``lora_targets``; a linear in neither stays the plain frozen layer."""
         adapter = self.adapter_config
         lora_targets = set(adapter.lora_targets) if adapter.lora_rank else set()
         for layer in self.base.model.layers:
