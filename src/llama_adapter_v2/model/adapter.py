@@ -247,19 +247,28 @@ class LlamaAdapterV2(nn.Module):
 
     # ------------------------------------------------------------------ computation
 
-    def prompt_states(self, images: torch.Tensor | None, batch: int) -> dict[int, PromptKV]:
-        """Prompt keys and values of every adapted layer for this call (text-only: no visual ones)."""
+    def prompt_states(
+        self, images: torch.Tensor | None, batch: int, image_mask: torch.Tensor | None = None
+    ) -> dict[int, PromptKV]:
+        """Prompt keys and values of every adapted layer for this call (text-only: no visual ones).
+
+        ``image_mask`` (B,) marks the rows of a mixed batch that really have an image; the
+        others get no visual prompts at all (MM feeds them a zero image instead; we do not).
+        """
         visual = self.visual_prompts(images, batch)
+        row_mask = None
+        if visual is not None and image_mask is not None:
+            row_mask = image_mask.to(device=visual.device, dtype=visual.dtype).view(-1, 1, 1)
         states: dict[int, PromptKV] = {}
         for attention in self.prompted_attentions():
             if attention.source == "visual":
                 if visual is not None:
-                    states[attention.layer_idx] = attention.prompt_kv(visual)
+                    states[attention.layer_idx] = attention.prompt_kv(visual, row_mask)
                 continue
             assert attention.prompt is not None
             tokens = attention.prompt.unsqueeze(0)
             if visual is not None and self.plan.additive:
-                tokens = tokens + visual
+                tokens = tokens + (visual if row_mask is None else visual * row_mask)
             states[attention.layer_idx] = attention.prompt_kv(tokens)
         return states
 
@@ -281,8 +290,9 @@ class LlamaAdapterV2(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
     ) -> AdapterOutput:
-        prompts = self.prompt_states(images, input_ids.shape[0])
+        prompts = self.prompt_states(images, input_ids.shape[0], image_mask)
         hidden = self.base.model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, adapter_prompts=prompts
         ).last_hidden_state
@@ -303,13 +313,14 @@ class LlamaAdapterV2(nn.Module):
         input_ids: torch.Tensor,
         images: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
         **generation_kwargs: Any,
     ) -> torch.Tensor:
         """transformers ``generate`` with the prompt keys and values computed once for the call.
 
         A forward pre-hook, present only during this call, hands them to every step's forward.
         """
-        prompts = self.prompt_states(images, input_ids.shape[0])
+        prompts = self.prompt_states(images, input_ids.shape[0], image_mask)
         hook = self.base.register_forward_pre_hook(_with_prompts(prompts), with_kwargs=True)
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)

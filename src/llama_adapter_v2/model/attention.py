@@ -83,11 +83,17 @@ class PromptedLlamaAttention(nn.Module):
         if self.prompt is not None:
             nn.init.normal_(self.prompt)
 
-    def prompt_kv(self, prompt_tokens: torch.Tensor) -> PromptKV:
-        """Project prompt tokens (B or 1, L, hidden) to keys and values: no rotary, no mask."""
+    def prompt_kv(self, prompt_tokens: torch.Tensor, row_mask: torch.Tensor | None = None) -> PromptKV:
+        """Project prompt tokens (B or 1, L, hidden) to keys and values: no rotary, no mask.
+
+        ``row_mask`` (B, 1, 1) zeroes the values of rows that have no prompts (a text-only
+        sample in a mixed batch): their prompt attention then adds exactly nothing.
+        """
         shape = (*prompt_tokens.shape[:-1], -1, self.head_dim)
         keys = self.k_proj(prompt_tokens).view(shape).transpose(1, 2)
         values = self.v_proj(prompt_tokens).view(shape).transpose(1, 2)
+        if row_mask is not None:
+            values = values * row_mask.view(-1, 1, 1, 1)
         return PromptKV(keys=keys, values=values)
 
     def forward(
