@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llama_adapter_v2.config import ConfigError, load_config, resolved_llama_arch
+from llama_adapter_v2.config import ConfigError, load_config, resolved_clip_arch, resolved_llama_arch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -163,3 +163,14 @@ def test_schema_imports_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_full_clip_folder_reads_its_top_level_projection(tmp_path: Path, demo_raw: dict) -> None:
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    vision = dict(demo_raw["model"]["vision"]["arch"], projection_dim=512)
+    top = {"model_type": "clip", "projection_dim": 64, "vision_config": vision}
+    (folder / "config.json").write_text(json.dumps(top))
+    demo_raw["model"]["vision"]["path"] = str(folder)
+    cfg = load_config(write(tmp_path, demo_raw))
+    assert resolved_clip_arch(cfg).projection_dim == 64

@@ -133,7 +133,8 @@ def checkpoint_clip_arch(folder: Path) -> tuple[ClipVisionArch | None, str | Non
     if data is None:
         return None, f"{folder} has no config.json"
     if data.get("model_type") == "clip":
-        data = data.get("vision_config", {})
+        # a full CLIPModel: the tower's shape is nested, its projection width is top-level
+        data = {**data.get("vision_config", {}), "projection_dim": data.get("projection_dim")}
     elif data.get("model_type") not in CLIP_MODEL_TYPES:
         return None, f"{folder} is not a CLIP checkpoint (model_type={data.get('model_type')!r})"
     fields = {k: data[k] for k in ClipVisionArch.model_fields if data.get(k) is not None}
