@@ -34,7 +34,8 @@ def ablate(
     from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
     from llama_adapter_v2.train.loop import train
 
-    variants = [v for v in read_variants(variants_file) if not only or v.name in only]
+    every = read_variants(variants_file)
+    variants = [v for v in every if not only or v.name in only]
     common = [*(overrides or []), "tracking.enabled=false", *([f"training.steps={steps}"] if steps else [])]
     rows: dict[str, dict[str, float]] = {}
     for variant in variants:
@@ -50,7 +51,7 @@ def ablate(
             **early_losses(result.losses, first_steps),
         }
         rows[variant.name]["seconds"] = time.perf_counter() - started
-        if variant.name == variants[0].name:
+        if variant.name == every[0].name:  # the reference variant also gets the zero-init row
             zero = evaluate(cfg, None, EvalOptions(out_dir=out / ZERO_INIT / "eval", log_to_mlflow=False))
             rows = {ZERO_INIT: zero, **rows}
         write_json_atomic(out / "ablations.json", rows)
