@@ -37,7 +37,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lav2 config check configs/demo.yaml
-	@echo "Not built yet: data preparation, training, evaluation, registry and the Prefect pipeline."
+	$(BIN)/lav2 pipeline configs/demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests flows benchmarks

@@ -39,6 +39,7 @@ from llama_adapter_v2.environment import project_root
 from llama_adapter_v2.registry.provenance import UNTRACKED, data_hash
 
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
+IDENTITY_FILE = "training-identity.txt"
 STAGE_SECTIONS = {
     "demo_data": ("data",),
     "prepare": ("data",),
@@ -155,6 +156,28 @@ def read_train_result(cfg: Config, seconds: float) -> dict[str, Any]:
             "checkpoint_dir": str(checkpoints), "final_metrics": {}, "seconds": seconds}
 
 
+def training_identity(cfg: Config, data_version: str) -> str:
+    """What a checkpoint must have been trained on to be resumed: same sections, same data."""
+    payload = {name: _section(cfg, name) for name in STAGE_SECTIONS["train"]}
+    return hashlib.sha256(json.dumps([payload, data_version], sort_keys=True).encode()).hexdigest()[:20]
+
+
+def claim_checkpoints(output_dir: Path, identity: str) -> str | None:
+    """Resume only checkpoints of this training: another config's (or tracking store's) are
+    removed first, as DVC removes a stage's outputs before re-running it. Returns what the
+    removed checkpoints were trained as (``"unknown"`` without a record), or None."""
+    marker = output_dir / IDENTITY_FILE
+    checkpoints = output_dir / "checkpoints"
+    previous = marker.read_text(encoding="utf-8") if marker.is_file() else "unknown"
+    removed = None
+    if checkpoints.exists() and previous != identity:
+        shutil.rmtree(checkpoints)
+        removed = previous
+    output_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(identity, encoding="utf-8")
+    return removed
+
+
 def _cached(task_fn: Any, key: str | None, outputs_present: bool) -> Any:
     return task_fn.with_options(refresh_cache=not outputs_present) if key else task_fn
 
@@ -205,9 +228,13 @@ def demo_base_task(config_path: str, overrides: list[str], cache_key: str | None
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_only_transient,
       **task_options)
-def train_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
+def train_task(config_path: str, overrides: list[str], identity: str, cache_key: str | None
+               ) -> dict[str, Any]:
     """``train(cfg, resume=True)``: a retry or re-run continues from the last complete checkpoint."""
     cfg = load(config_path, overrides)
+    if removed := claim_checkpoints(cfg.training.output_dir, identity):
+        get_run_logger().warning("removed checkpoints of training %s (this is %s): starting afresh",
+                                 removed, identity)
     n_gpus = gpu_count()
     if n_gpus > 1:
         command = torchrun_command(config_path, overrides, n_gpus)
@@ -284,7 +311,8 @@ def train_flow(config_path: str, overrides: list[str] | None = None, data_hash: 
         _cached(demo_base_task, key, present)(config_path, overrides, cache_key=key)
     key = stage_key("train", cfg, data_hash)
     present = (cfg.training.output_dir / "checkpoints" / "best").is_dir()
-    return _cached(train_task, key, present)(config_path, overrides, cache_key=key)
+    identity = training_identity(cfg, data_hash)
+    return _cached(train_task, key, present)(config_path, overrides, identity, cache_key=key)
 
 
 @flow(name="evaluate", log_prints=True)

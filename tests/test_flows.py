@@ -78,3 +78,28 @@ def test_prefect_yaml_deployments(repo_root: Path) -> None:
     [request] = variables["container_create_kwargs"]["device_requests"]
     assert gpu["name"] == "gpu" and variables["image"]
     assert variables["gpus"] == request["count"] == int(variables["env"]["LAV2_GPUS"]) == 8
+
+
+def test_checkpoints_of_another_training_are_never_resumed(flows: ModuleType, tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints" / "step-0000002"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "MANIFEST.json").write_text("{}")
+    assert flows.claim_checkpoints(tmp_path, "first") == "unknown"  # unrecorded: not trusted
+    assert not (tmp_path / "checkpoints").exists()
+
+    checkpoints.mkdir(parents=True)
+    assert flows.claim_checkpoints(tmp_path, "first") is None  # a retry of the same training resumes
+    assert checkpoints.is_dir()
+    assert flows.claim_checkpoints(tmp_path, "second") == "first"  # changed config or tracking store
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / flows.IDENTITY_FILE).read_text() == "second"
+
+
+def test_training_identity_changes_with_training_inputs_only(flows: ModuleType, repo_root: Path) -> None:
+    config = repo_root / "configs" / "demo.yaml"
+    base = flows.training_identity(load_config(config), "abc")
+    assert flows.training_identity(load_config(config), "abc") == base
+    assert flows.training_identity(load_config(config, ["training.steps=7"]), "abc") != base
+    assert flows.training_identity(load_config(config, ["tracking.uri=http://127.0.0.1:5000"]), "abc") != base
+    assert flows.training_identity(load_config(config), "def") != base
+    assert flows.training_identity(load_config(config, ["tracking.promotion.margin=0.5"]), "abc") == base

@@ -126,7 +126,7 @@ def register(
         client.create_registered_model(cfg.tracking.registered_model)
     tags = version_tags(cfg, metrics)
     version = client.create_model_version(
-        cfg.tracking.registered_model, source=info.model_uri, run_id=run_id, tags=tags
+        cfg.tracking.registered_model, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
     )
     return RegisteredVersion(
         name=version.name,
