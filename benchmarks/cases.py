@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,39 +92,50 @@ def hf_llama(spec: Spec) -> Any:
     return model.to(measure.torch_dtype(spec.workload.dtype))
 
 
-def time_training(
-    spec: Spec,
-    model: torch.nn.Module,
-    compute_loss: Callable[[], torch.Tensor],
-    plan: flops.BackwardPlan,
-    *,
-    rss_before: float,
-    lm_head_positions: int,
-    extra_flops: float = 0.0,
-    items_per_step: float | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
+@dataclass
+class TrainingSetup:
+    """A model ready to train one step, and what its step costs in model FLOPs."""
+
+    model: torch.nn.Module
+    compute_loss: Callable[[], torch.Tensor]
+    plan: flops.BackwardPlan
+    lm_head_positions: int  # per sequence
+    extra_flops: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Every project-venv training case imports the same libraries before its baseline RSS is read,
+# so peak RSS compares model and training memory, not import footprints.
+TRAINING_IMPORTS = (
+    "transformers.models.llama",
+    "transformers.models.clip",
+    "peft",
+    "llama_adapter_v2.config",
+)
+
+
+def time_training(spec: Spec, setup: TrainingSetup, *, rss_before: float) -> dict[str, Any]:
     """Time AdamW steps over the model's trainable parameters and account their model FLOPs."""
     work = spec.workload
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in setup.model.parameters() if p.requires_grad]
     seconds = measure.time_steps(
-        measure.training_step(params, compute_loss),
+        measure.training_step(params, setup.compute_loss),
         warmup=work.warmup_steps,
         timed=work.timed_steps,
         device=work.device,
     )
-    lm_tokens = work.batch_size * lm_head_positions
-    step_flops = flops.llama_train_flops(spec.llama, work.tokens_per_step, lm_tokens, plan) + extra_flops
+    lm_tokens = work.batch_size * setup.lm_head_positions
+    step_flops = flops.llama_train_flops(spec.llama, work.tokens_per_step, lm_tokens, setup.plan)
     return measure.step_result(
         seconds,
-        items_per_step=items_per_step or work.tokens_per_step,
+        items_per_step=work.tokens_per_step,
         unit="tokens/s",
-        flops_per_step=step_flops,
+        flops_per_step=step_flops + setup.extra_flops,
         trainable_params=sum(p.numel() for p in params),
         rss_before_model_mb=rss_before,
         device=work.device,
-        lm_head_positions=lm_head_positions,
-        **extra,
+        lm_head_positions=setup.lm_head_positions,
+        **setup.extra,
     )
 
 
@@ -131,27 +143,16 @@ def hf_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[
     return lambda: model(**batch).loss
 
 
-def train_full_finetune(spec: Spec) -> dict[str, Any]:
-    measure.configure(spec.workload.threads, spec.workload.device)
-    rss_before = measure.rss_after_imports("transformers.models.llama")
+def setup_full_finetune(spec: Spec) -> TrainingSetup:
     model = hf_llama(spec)
     layers = spec.llama.num_hidden_layers
     plan = flops.BackwardPlan(backprop_layers=layers, weight_grad_layers=layers, lm_head_weight_grad=True)
-    return time_training(
-        spec,
-        model,
-        hf_loss(model, batches.text_batch(spec)),
-        plan,
-        rss_before=rss_before,
-        lm_head_positions=spec.workload.seq_len,
-    )
+    return TrainingSetup(model, hf_loss(model, batches.text_batch(spec)), plan, spec.workload.seq_len)
 
 
-def train_peft_lora(spec: Spec) -> dict[str, Any]:
+def setup_peft_lora(spec: Spec) -> TrainingSetup:
     from peft import LoraConfig, get_peft_model
 
-    measure.configure(spec.workload.threads, spec.workload.device)
-    rss_before = measure.rss_after_imports("transformers.models.llama")
     rank = spec.workload.lora_rank
     config = LoraConfig(
         r=rank,
@@ -165,37 +166,23 @@ def train_peft_lora(spec: Spec) -> dict[str, Any]:
     kv_width = shape.num_key_value_heads * shape.head_dim
     lora_params = shape.num_hidden_layers * rank * (2 * shape.hidden_size + shape.hidden_size + kv_width)
     plan = flops.BackwardPlan(backprop_layers=shape.num_hidden_layers)
-    return time_training(
-        spec,
-        model,
-        hf_loss(model, batches.text_batch(spec)),
-        plan,
-        rss_before=rss_before,
-        lm_head_positions=spec.workload.seq_len,
-        extra_flops=flops.extra_trainable_flops(lora_params, spec.workload.tokens_per_step),
+    lora_flops = flops.extra_trainable_flops(lora_params, spec.workload.tokens_per_step)
+    return TrainingSetup(
+        model, hf_loss(model, batches.text_batch(spec)), plan, spec.workload.seq_len, extra_flops=lora_flops
     )
 
 
-def train_peft_adaption_prompt(spec: Spec) -> dict[str, Any]:
+def setup_peft_adaption_prompt(spec: Spec) -> TrainingSetup:
     """LLaMA-Adapter V1 as PEFT implements it: prompts and gates in the last layers only."""
     from peft import AdaptionPromptConfig, get_peft_model
 
-    measure.configure(spec.workload.threads, spec.workload.device)
-    rss_before = measure.rss_after_imports("transformers.models.llama")
     work = spec.workload
     config = AdaptionPromptConfig(
         adapter_len=work.prompt_len, adapter_layers=work.prompt_layers, task_type="CAUSAL_LM"
     )
     model = get_peft_model(hf_llama(spec), config)
     plan = flops.BackwardPlan(backprop_layers=work.prompt_layers)
-    return time_training(
-        spec,
-        model,
-        hf_loss(model, batches.text_batch(spec)),
-        plan,
-        rss_before=rss_before,
-        lm_head_positions=work.seq_len,
-    )
+    return TrainingSetup(model, hf_loss(model, batches.text_batch(spec)), plan, work.seq_len)
 
 
 # --------------------------------------------------------------------------- the project's model
@@ -272,24 +259,18 @@ def projected_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     )
 
 
-def train_adapter_v2_language(spec: Spec) -> dict[str, Any]:
+def setup_adapter_v2_language(spec: Spec) -> TrainingSetup:
     """The language group (prompts, gates, biases, scales, norms) on a text batch, text-only model."""
-    measure.configure(spec.workload.threads, spec.workload.device)
-    rss_before = measure.rss_after_imports("transformers.models.llama", "llama_adapter_v2.config")
     model = build_project_model(spec, visual=False)
     model.set_trainable(["language"])
     batch = batches.text_batch(spec)
     positions = projected_positions(model, batch, spec.workload.seq_len)
     plan = flops.BackwardPlan(backprop_layers=spec.llama.num_hidden_layers)
-    return time_training(
-        spec, model, lambda: model(**batch).loss, plan, rss_before=rss_before, lm_head_positions=positions
-    )
+    return TrainingSetup(model, lambda: model(**batch).loss, plan, positions)
 
 
-def train_adapter_v2_visual(spec: Spec) -> dict[str, Any]:
+def setup_adapter_v2_visual(spec: Spec) -> TrainingSetup:
     """The visual group (bridge, visual gates) on an image-text batch: tower forward, bridge trained."""
-    measure.configure(spec.workload.threads, spec.workload.device)
-    rss_before = measure.rss_after_imports("transformers.models.llama", "transformers.models.clip")
     model = build_project_model(spec, visual=True)
     model.set_trainable(["visual"])
     work = spec.workload
@@ -297,16 +278,34 @@ def train_adapter_v2_visual(spec: Spec) -> dict[str, Any]:
     positions = projected_positions(model, batch, work.seq_len)
     plan = flops.BackwardPlan(backprop_layers=spec.llama.num_hidden_layers)
     visual = flops.visual_path_flops(spec.vision, spec.llama.hidden_size, work.batch_size)
-    return time_training(
-        spec,
+    return TrainingSetup(
         model,
         lambda: model(**batch).loss,
         plan,
-        rss_before=rss_before,
-        lm_head_positions=positions,
+        positions,
         extra_flops=visual,
-        images_per_step=work.batch_size,
+        extra={"images_per_step": work.batch_size},
     )
+
+
+TRAINING_SETUPS: dict[str, Callable[[Spec], TrainingSetup]] = {
+    "train_full_finetune": setup_full_finetune,
+    "train_peft_lora": setup_peft_lora,
+    "train_peft_adaption_prompt": setup_peft_adaption_prompt,
+    "train_adapter_v2_language": setup_adapter_v2_language,
+    "train_adapter_v2_visual": setup_adapter_v2_visual,
+}
+
+
+def training_case(name: str) -> CaseFn:
+    """The timed case of one training setup: same imports, optimiser and accounting for all."""
+
+    def run(spec: Spec) -> dict[str, Any]:
+        measure.configure(spec.workload.threads, spec.workload.device)
+        rss_before = measure.rss_after_imports(*TRAINING_IMPORTS)
+        return time_training(spec, TRAINING_SETUPS[name](spec), rss_before=rss_before)
+
+    return run
 
 
 # --------------------------------------------------------------------------- generation
@@ -394,19 +393,83 @@ def generate_folded_without_prompts(spec: Spec) -> dict[str, Any]:
     )
 
 
+# --------------------------------------------------------------------------- data and orchestration
+
+
+def shard_reading(spec: Spec) -> dict[str, Any]:
+    """Full passes of the project's loader over the demo caption shards (benchmarks/shard_reading.py).
+
+    The data helper's script builds the shards and the tokenizer; each timed step is one pass of
+    ``make_loader`` as the demo config runs it (no workers; images decoded, captions tokenized,
+    collated). One pass with two workers and one of plain webdataset decoding are reported beside it.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import webdataset as wds
+
+    from benchmarks import shard_reading as reading
+    from llama_adapter_v2.data.shards import ShardIndex, make_loader
+
+    work = spec.workload
+    measure.configure(work.threads, work.device)
+    rss_before = measure.rss_after_imports("webdataset", "llama_adapter_v2.data.shards")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, tokenizer = reading.prepare(Path(tmp))
+        count = ShardIndex.load(folder).count
+        urls = sorted(str(path) for path in folder.glob("*.tar"))
+
+        def loader(workers: int = 0) -> Any:
+            return make_loader(
+                folder,
+                tokenizer=tokenizer,
+                batch_size=16,
+                max_tokens=48,
+                image_transform=reading.to_tensor,
+                seed=0,
+                epoch=0,
+                num_workers=workers,
+            )
+
+        def one_pass() -> int:
+            return sum(len(batch["ids"]) for batch in loader())
+
+        seconds = measure.time_steps(one_pass, warmup=1, timed=work.timed_steps, device="cpu")
+        two_workers = reading.samples_per_second(lambda: loader(2), lambda batch: len(batch["ids"]), 1)
+        plain = reading.samples_per_second(
+            lambda: wds.WebDataset(urls, shardshuffle=False).decode("pil"), lambda _: 1, 1
+        )
+    return measure.step_result(
+        seconds,
+        items_per_step=count,
+        unit="samples/s",
+        flops_per_step=None,
+        trainable_params=None,
+        rss_before_model_mb=rss_before,
+        device="cpu",
+        samples_per_pass=count,
+        two_workers_samples_per_s=two_workers,
+        webdataset_decode_samples_per_s=plain,
+    )
+
+
+def orchestration_overhead(spec: Spec) -> dict[str, Any]:
+    from benchmarks.orchestration import orchestration_overhead as measure_overhead
+
+    return measure_overhead(spec)
+
+
 # --------------------------------------------------------------------------- registry and entry point
 
 CASES: dict[str, CaseFn] = {
     "matmul_ceiling": matmul_ceiling,
-    "train_full_finetune": train_full_finetune,
-    "train_peft_lora": train_peft_lora,
-    "train_peft_adaption_prompt": train_peft_adaption_prompt,
-    "train_adapter_v2_language": train_adapter_v2_language,
-    "train_adapter_v2_visual": train_adapter_v2_visual,
+    **{name: training_case(name) for name in TRAINING_SETUPS},
     "generate_base": generate_base,
     "generate_adapter_v2_unfolded": generate_adapter_v2_unfolded,
     "generate_adapter_v2_folded": generate_adapter_v2_folded,
     "generate_folded_without_prompts": generate_folded_without_prompts,
+    "shard_reading": shard_reading,
+    "orchestration_overhead": orchestration_overhead,
 }
 
 

@@ -141,6 +141,12 @@ def targets(cases: dict[str, dict[str, Any]], spec: Spec) -> list[dict[str, Any]
             0.97,
         ),
         target(
+            "folded_no_prompts_generation_vs_base",
+            "folded prompt-free adapter (stock Llama + biases) tokens/s / base",
+            _ratio(cases, "generate_folded_without_prompts", "generate_base"),
+            0.97,
+        ),
+        target(
             "unfolded_generation_vs_base",
             "unfolded generation tokens/s / base",
             _ratio(cases, "generate_adapter_v2_unfolded", "generate_base"),
@@ -262,6 +268,26 @@ def targets_markdown(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def details_markdown(results: dict[str, Any]) -> list[str]:
+    """Each case's extra figures (GEMM rates at the model's shapes, orchestration split, ...)."""
+    lines = []
+    for name, c in results["cases"].items():
+        extra = {k: v for k, v in c.get("extra", {}).items() if v is not None}
+        if c["status"] == "ok" and extra:
+            lines.append(f"- `{name}`: " + ", ".join(f"{k} = {_compact(v)}" for k, v in extra.items()))
+    return lines
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_compact(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -281,7 +307,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Matmul ceiling: {_fmt(results['matmul_ceiling_gflops'])} GFLOP/s.",
         "",
     ]
-    return "\n".join([*head, *cases_markdown(results), "", *targets_markdown(results), ""])
+    body = [*cases_markdown(results), "", *targets_markdown(results), "", *details_markdown(results), ""]
+    return "\n".join([*head, *body])
 
 
 def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:

@@ -68,6 +68,8 @@ class Workload:
     gen_prompt_tokens: int = 32
     gen_new_tokens: int = 32
     matmul_size: int = 2048
+    orchestration_steps: int = 30  # demo-config training steps per bare / pipeline run
+    orchestration_pairs: int = 2  # bare + pipeline runs per child
     seed: int = 0
 
     @property

@@ -44,11 +44,28 @@ def test_flop_accounting_is_4x_frozen_and_6x_full() -> None:
     )
 
 
+# Minutes, not seconds, even on the tiny preset: they build the whole demo data set (and the
+# orchestration case starts Prefect's server); `make bench` runs them, these tests do not.
+DEMO_DATA_CASES = {"shard_reading", "orchestration_overhead"}
+
+
 @pytest.fixture(scope="module")
 def case_results() -> dict[str, dict]:
-    """Every project-venv case run once in this process on the tiny shape (1 warm-up, 1 step)."""
-    spec = TINY
-    return {name: fn(spec) for name, fn in cases.CASES.items()}
+    """Every model case run once in this process on the tiny shape (1 warm-up, 1 step)."""
+    return {name: fn(TINY) for name, fn in cases.CASES.items() if name not in DEMO_DATA_CASES}
+
+
+def test_orchestration_runs_share_one_valid_demo_config(tmp_path: Path) -> None:
+    """Bare and pipeline runs read the same config: steps, cadences and a store apart from the project's."""
+    from benchmarks import orchestration
+    from llama_adapter_v2.config import load_config
+
+    overrides = orchestration.shared_overrides(tmp_path, 7)
+    cfg = load_config(orchestration.REPO / orchestration.CONFIG, [*overrides, "tracking.enabled=false"])
+    training = cfg.training
+    assert (training.steps, training.eval_every_steps, training.checkpoint.every_steps) == (7, 7, 7)
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and not cfg.tracking.enabled
+    assert cfg.data.work_dir == tmp_path / "data" and cfg.model.base.path == tmp_path / "demo-base"
 
 
 def test_every_case_reports_the_timed_fields(case_results: dict[str, dict]) -> None:
