@@ -2,9 +2,12 @@
 
 LLaMA-Adapter assumes a base that already speaks the language; a randomly initialised base
 would leave the adapter to learn language from scratch through a few prompts and biases.
-This demo-only stage trains ``cfg.model.base.arch`` as a causal LM on every demo text (the
-rendered captions, instructions and conversations of the training split, all tokens learned)
-and saves a transformers folder (model + tokenizer) at ``cfg.model.base.path``. It is a DVC
+This demo-only stage trains ``cfg.model.base.arch`` as a causal LM on the demo text of the
+training split as plain prose (captions, instructions with their answers, conversation turns;
+no prompt template, every token learned), like a pretrained base that has read the language
+but never seen the instruction format: following the template is left to the adapter. The
+tokenizer is trained on the templated texts so the template tokenizes compactly. The stage
+saves a transformers folder (model + tokenizer) at ``cfg.model.base.path``. It is a DVC
 stage with a cached output, so it runs once per data/code version.
 """
 
@@ -17,11 +20,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.data.formatting import encode_record, segments
+from llama_adapter_v2.data.formatting import segments
 from llama_adapter_v2.data.readers import read_coco, read_instructions
 from llama_adapter_v2.data.records import Record
 from llama_adapter_v2.data.shards import split_of
@@ -54,8 +58,21 @@ def demo_records(cfg: Config, split: str | None = None) -> list[Record]:
     return records
 
 
-def rendered_text(record: Record) -> str:
+def templated_text(record: Record) -> str:
+    """The record as the adapter will see it (prompt template included): the tokenizer's corpus."""
     return "".join(text for text, _ in segments(record))
+
+
+def plain_text(record: Record) -> str:
+    """The record's words without any template: the base LM's corpus."""
+    parts = [record.turns[0].text, record.input, *(turn.text for turn in record.turns[1:])]
+    return "\n".join(part for part in parts if part)
+
+
+def _plain_ids(text: str, tokenizer: Any, max_tokens: int) -> list[int]:
+    """BOS + text + EOS, cut to ``max_tokens`` with EOS kept last."""
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
+    return [*ids[: max_tokens - 1], tokenizer.eos_token_id]
 
 
 def _batches(sequences: list[list[int]], batch_size: int, pad_id: int, rng: random.Random):
@@ -97,11 +114,8 @@ def train_demo_base(cfg: Config, records: list[Record] | None = None) -> DemoBas
     started = time.perf_counter()
     staging = base.path.with_name(f".tmp-{base.path.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = train_tokenizer((rendered_text(r) for r in records), base.arch.vocab_size, staging)
-    sequences = []
-    for record in records:
-        ids, _ = encode_record(record, tokenizer, settings.max_tokens)
-        sequences.append(ids)
+    tokenizer = train_tokenizer((templated_text(r) for r in records), base.arch.vocab_size, staging)
+    sequences = [_plain_ids(plain_text(r), tokenizer, settings.max_tokens) for r in records]
 
     torch.manual_seed(settings.seed)
     arch = base.arch.model_dump()

@@ -182,6 +182,7 @@ class Trainer:
         self.run_id: str | None = None
         self.checkpoints = self.training.output_dir / "checkpoints"
         self.step_seconds = 0.0
+        self.steps_run = 0
         self.tokens_seen = 0
 
     def _loader_args(self, task: Task) -> dict[str, Any]:
@@ -373,15 +374,13 @@ def open_tracking(cfg: Config, ctx: DistContext, trainer: Trainer) -> Tracker:
         return Tracker()
     from llama_adapter_v2.environment import project_root
     from llama_adapter_v2.model.checkpoint import base_identity
-    from llama_adapter_v2.train.tracking import data_dvc_hash, git_commit, open_tracker
+    from llama_adapter_v2.train.tracking import data_dvc_hash, git_commit, open_tracker, tracking_uri
 
     resumed = trainer.run_id is not None
     tracker = open_tracker(cfg, resume_run_id=trainer.run_id)
     trainer.run_id = tracker.run_id
     if cfg.tracking.system_metrics:
-        tracker.start_system_metrics(
-            cfg.tracking.uri or _default_uri(cfg), interval_s=5.0
-        )
+        tracker.start_system_metrics(tracking_uri(cfg), interval_s=5.0)
     if not resumed:
         root = project_root()
         identity = base_identity(trainer.model.base.config)
@@ -392,12 +391,6 @@ def open_tracking(cfg: Config, ctx: DistContext, trainer: Trainer) -> Tracker:
             "world_size": str(ctx.world_size),
         })
     return tracker
-
-
-def _default_uri(cfg: Config) -> str:
-    from llama_adapter_v2.train.tracking import tracking_uri
-
-    return tracking_uri(cfg)
 
 
 def _progress(enabled: bool) -> Any:
@@ -423,6 +416,7 @@ def run_steps(trainer: Trainer, tracker: Tracker) -> None:
             metrics = trainer.train_step(measure=(trainer.step + 1) % training.log_every_steps == 0)
             seconds = time.perf_counter() - started
             trainer.step_seconds += seconds
+            trainer.steps_run += 1
             metrics["tokens_per_s"] = metrics.pop("tokens") / seconds
             step = trainer.step
             tracker.log_step(step, metrics)
@@ -456,6 +450,9 @@ def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResul
     final = {f"holdout/{t}": v for s, t, v in trainer.history["holdout"] if s == trainer.step}
     final.update({f"holdout_initial/{t}": v for s, t, v in trainer.history["holdout"] if s == 0})
     final["tracking/overhead_fraction"] = tracker.seconds_spent / max(trainer.step_seconds, 1e-9)
+    # wall time per step on the training thread, tracking calls included (0 steps: resumed at the end)
+    busy = trainer.step_seconds + tracker.seconds_spent
+    final["train/seconds_per_step"] = busy / max(trainer.steps_run, 1)
     if trainer.ctx.is_main:
         save_adapter(trainer.model, adapter_dir)
         (out / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.model_dump(mode="json"), sort_keys=False))
