@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llama_adapter_v2.config import load_config
-from llama_adapter_v2.evaluate.ablations import ablation_table, early_losses, read_variants
+from llama_adapter_v2.evaluate.ablations import ablation_table, early_losses, initial_losses, read_variants
 
 
 def test_shipped_variants_validate_on_the_demo_config(repo_root: Path) -> None:
@@ -33,6 +33,8 @@ def test_bad_variant_files_are_refused(tmp_path: Path) -> None:
 def test_early_losses_and_table() -> None:
     losses = [(1, "caption", 4.0), (2, "instruction", 3.0), (3, "caption", 2.0), (4, "caption", 1.0)]
     assert early_losses(losses, first_steps=3) == {"early_loss_caption": 3.0, "early_loss_instruction": 3.0}
+    final = {"holdout/caption": 0.5, "holdout_initial/caption": 2.0, "holdout_initial/instruction": 3.0}
+    assert initial_losses(final) == {"initial_loss_caption": 2.0, "initial_loss_instruction": 3.0}
     table = ablation_table({"zero-init": {"caption_cider": 0.01}, "paper": {"caption_cider": 1.23456}})
     lines = table.splitlines()
     assert lines[0].startswith("| variant | CIDEr-D | BLEU-4 |")

@@ -29,7 +29,13 @@ def ablate(
     ),
 ) -> None:
     """Train + evaluate every variant of VARIANTS on CONFIG and the zero-init model; write the table."""
-    from llama_adapter_v2.evaluate.ablations import ZERO_INIT, ablation_table, early_losses, read_variants
+    from llama_adapter_v2.evaluate.ablations import (
+        ZERO_INIT,
+        ablation_table,
+        early_losses,
+        initial_losses,
+        read_variants,
+    )
     from llama_adapter_v2.evaluate.report import write_json_atomic
     from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
     from llama_adapter_v2.train.loop import train
@@ -49,6 +55,7 @@ def ablate(
         rows[variant.name] = {
             **evaluate(cfg, result.adapter_dir, options),
             **early_losses(result.losses, first_steps),
+            **initial_losses(result.final_metrics),
         }
         rows[variant.name]["seconds"] = time.perf_counter() - started
         if variant.name == every[0].name:  # the reference variant also gets the zero-init row

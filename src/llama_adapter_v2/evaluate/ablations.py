@@ -21,6 +21,8 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("caption_rouge_l", "ROUGE-L (cap)"),
     ("instruction_exact_match", "EM (instr)"),
     ("instruction_rouge_l", "ROUGE-L (instr)"),
+    ("initial_loss_caption", "held-out loss cap, step 0"),
+    ("initial_loss_instruction", "held-out loss instr, step 0"),
     ("caption_loss", "held-out loss cap"),
     ("instruction_loss", "held-out loss instr"),
     ("early_loss_caption", "train loss cap, first steps"),
@@ -58,6 +60,13 @@ def early_losses(losses: Sequence[tuple[int, str, float]], first_steps: int) -> 
         if step <= first_steps:
             by_task.setdefault(task, []).append(value)
     return {f"early_loss_{task}": statistics.fmean(values) for task, values in sorted(by_task.items())}
+
+
+def initial_losses(final_metrics: Mapping[str, float]) -> dict[str, float]:
+    """Held-out loss per task before the first step (training's ``holdout_initial/<task>``)."""
+    prefix = "holdout_initial/"
+    found = {k.removeprefix(prefix): v for k, v in final_metrics.items() if k.startswith(prefix)}
+    return {f"initial_loss_{task}": value for task, value in found.items()}
 
 
 def ablation_table(rows: Mapping[str, Mapping[str, float]]) -> str:
