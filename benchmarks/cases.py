@@ -461,6 +461,10 @@ def orchestration_overhead(spec: Spec) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- registry and entry point
 
+# Cases that time many passes (shard reading) or alternate their two sides (orchestration)
+# inside one child, and take minutes: the runner starts them in the first round only.
+ONCE_PER_RUN = frozenset({"shard_reading", "orchestration_overhead"})
+
 CASES: dict[str, CaseFn] = {
     "matmul_ceiling": matmul_ceiling,
     **{name: training_case(name) for name in TRAINING_SETUPS},

@@ -38,6 +38,8 @@ def shared_overrides(scratch: Path, steps: int) -> list[str]:
         f"training.steps={steps}",
         f"training.eval_every_steps={steps}",
         f"training.checkpoint.every_steps={steps}",
+        # A few base steps suffice: the overhead does not depend on what the base has learned.
+        "training.demo_base.steps=5",
     ]
 
 
@@ -54,8 +56,7 @@ def prepare_inputs(scratch: Path, overrides: list[str]) -> None:
         shard(cfg, REPO)
         (scratch / "data" / "shard-done").touch()
     if not (scratch / "demo-base" / "config.json").is_file():
-        # A few base steps suffice: the overhead does not depend on what the base has learned.
-        train_demo_base(load_config(REPO / CONFIG, [*overrides, "training.demo_base.steps=5"]))
+        train_demo_base(cfg)
 
 
 def bare_seconds(overrides: list[str], out: Path) -> float:

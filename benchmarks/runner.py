@@ -37,12 +37,13 @@ class Case:
     name: str
     module: str  # benchmarks.cases (project venv) or benchmarks.litgpt_case (LitGPT venv)
     needs_litgpt: bool = False
+    once: bool = False  # repeats and interleaves inside its own child: first round only
 
 
 def all_cases() -> list[Case]:
-    from benchmarks.cases import CASES
+    from benchmarks.cases import CASES, ONCE_PER_RUN
 
-    project = [Case(name, "benchmarks.cases") for name in CASES]
+    project = [Case(name, "benchmarks.cases", once=name in ONCE_PER_RUN) for name in CASES]
     return [*project, Case("train_litgpt_adapter_v2", "benchmarks.litgpt_case", needs_litgpt=True)]
 
 
@@ -108,9 +109,12 @@ def run_rounds(
 
     per_case: dict[str, list[dict[str, Any]]] = {case.name: [] for case in cases}
     with Progress(transient=False) as progress:
-        task = progress.add_task("benchmark", total=rounds * len(cases))
+        total = sum(1 if case.once else rounds for case in cases)
+        task = progress.add_task("benchmark", total=total)
         for round_index in range(rounds):
             for case in round_order(cases, round_index):
+                if case.once and round_index > 0:
+                    continue
                 progress.update(task, description=f"round {round_index + 1}/{rounds}: {case.name}")
                 result = run_case(case, spec, litgpt_python=litgpt_python, timeout_s=timeout_s)
                 result["round"] = round_index

@@ -66,7 +66,7 @@ class Workload:
     prompt_layers: int = 6  # the last n_layers - 2 layers, the project's default
     lora_rank: int = 8
     gen_prompt_tokens: int = 32
-    gen_new_tokens: int = 32
+    gen_new_tokens: int = 16
     matmul_size: int = 2048
     orchestration_steps: int = 30  # demo-config training steps per bare / pipeline run
     orchestration_pairs: int = 2  # bare + pipeline runs per child
