@@ -24,7 +24,7 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.measure import RESULT_MARKER
-from benchmarks.spec import Spec, preset, with_steps
+from benchmarks.spec import Spec, preset, with_steps, with_workload
 
 REPO = Path(__file__).resolve().parents[1]
 LITGPT_PYTHON = REPO / "benchmarks" / ".venv-litgpt" / "bin" / "python"
@@ -144,6 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per child (preset default)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per child (preset default)")
+    parser.add_argument(
+        "--workload", action="append", default=[], metavar="KEY=VALUE", help="override a Workload field"
+    )
     parser.add_argument("--cases", default=None, help="comma-separated subset (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: the project's)")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         print(report.noise_markdown(*(json.loads(path.read_text()) for path in args.compare)))
         return 0
-    spec = with_steps(preset(args.preset), warmup=args.warmup, timed=args.steps)
+    spec = with_workload(with_steps(preset(args.preset), warmup=args.warmup, timed=args.steps), args.workload)
     cases = select_cases(args.cases)
     started = time.time()
     per_case = run_rounds(cases, spec, args.rounds, litgpt_python=args.litgpt_python, timeout_s=args.timeout)

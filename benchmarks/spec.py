@@ -7,7 +7,7 @@ same spec as the project's cases and the two can never drift apart.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
@@ -196,3 +196,16 @@ def with_steps(spec: Spec, *, warmup: int | None, timed: int | None) -> Spec:
     if timed is not None:
         workload = replace(workload, timed_steps=timed)
     return replace(spec, workload=workload)
+
+
+def with_workload(spec: Spec, assignments: list[str]) -> Spec:
+    """The spec with ``key=value`` workload overrides (``--workload orchestration_pairs=1``)."""
+    types = {f.name: f.type for f in fields(Workload)}
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--workload {assignment!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+        kind = {"int": int, "float": float, "str": str}[str(types[key])]
+        changes[key] = kind(value)
+    return replace(spec, workload=replace(spec.workload, **changes))

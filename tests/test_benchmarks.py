@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import cases, flops, report
-from benchmarks.spec import Spec, preset
+from benchmarks.spec import Spec, preset, with_workload
 
 TINY = preset("tiny")
 TIMED_FIELDS = {"step_seconds", "items_per_step", "unit", "flops_per_step", "trainable_params", "peak_rss_mb"}
@@ -208,6 +208,10 @@ def replace_median(results: dict, factor: float) -> dict:
     return second
 
 
-def test_unknown_preset_is_refused() -> None:
+def test_unknown_preset_and_workload_keys_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         preset("huge")
+    with pytest.raises(ValueError, match="expected KEY=VALUE with KEY one of"):
+        with_workload(TINY, ["batchsize=4"])
+    changed = with_workload(TINY, ["orchestration_pairs=3", "label_fraction=0.25"]).workload
+    assert (changed.orchestration_pairs, changed.label_fraction, changed.label_positions) == (3, 0.25, 8)
