@@ -11,7 +11,7 @@ from tiny_project import ONE_PROCESS_HOLDOUT, PINNED_LOSSES, TINY_STEPS, tiny_co
 
 from llama_adapter_v2.config import load_config
 from llama_adapter_v2.config.schema import TrainingConfig
-from llama_adapter_v2.train.distributed import DistContext
+from llama_adapter_v2.train.distributed import DistContext, wrap_for_training
 from llama_adapter_v2.train.loop import Trainer, steps_per_group, task_schedule, train
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -94,3 +94,9 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(tiny_project: Path, tmp_p
     (tmp_path / "checkpoints" / "step-0000004").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_config(tiny_project, tmp_path))
+
+
+def test_fsdp_is_refused_with_a_message_not_half_run() -> None:
+    training = TrainingConfig(distributed={"strategy": "fsdp"})
+    with pytest.raises(NotImplementedError, match="strategy=fsdp is not supported"):
+        wrap_for_training(torch.nn.Linear(2, 2), SINGLE, training)

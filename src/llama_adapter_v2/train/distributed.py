@@ -1,4 +1,4 @@
-"""torch.distributed set-up for ``torchrun``: gloo on CPU, NCCL on GPU; DDP or FSDP.
+"""torch.distributed set-up for ``torchrun``: gloo on CPU, NCCL on GPU, DDP.
 
 One process per device; ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK. Without them the
 run is a single process and nothing here touches torch.distributed.
@@ -69,14 +69,18 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 def wrap_for_training(module: nn.Module, ctx: DistContext, training: TrainingConfig) -> nn.Module:
-    """DDP (find_unused_parameters: a text-only batch never touches the visual path) or FSDP."""
+    """DDP with find_unused_parameters: a text-only batch never touches the visual path.
+
+    FSDP is refused with a clear message: torch's FSDP needs an accelerator, and sharded
+    parameters would need full-state gathering for the per-group clipping and adapter
+    checkpoints, which this engine does not do yet.
+    """
+    if training.distributed.strategy == "fsdp":
+        raise NotImplementedError(
+            "training.distributed.strategy=fsdp is not supported yet (sharded adapter checkpoints and "
+            "per-group clipping are not implemented; torch's FSDP also needs a GPU); use ddp"
+        )
     if not ctx.distributed:
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    if training.distributed.strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return FullyShardedDataParallel(
-            module, use_orig_params=True, device_id=ctx.device if ctx.device.type == "cuda" else None
-        )
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
