@@ -2,8 +2,9 @@
 
     python -m benchmarks.profile_step train_adapter_v2_language [--preset cpu] [--steps 3]
 
-Prints the top operators by self CPU time and a split into GEMM, attention, loss/softmax,
-optimizer and the rest (elementwise, copies, reductions), as JSON with ``--json``.
+Prints the top operators by self CPU time, then JSON: the split into GEMM, attention,
+loss/softmax, optimizer and the rest (elementwise, copies, reductions), and the memory that
+autograd keeps for the backward.
 """
 
 from __future__ import annotations
@@ -49,6 +50,25 @@ def split_by_category(events: Any) -> dict[str, float]:
     }
 
 
+def saved_for_backward_mb(compute_loss: Any) -> float:
+    """MiB of distinct tensors autograd keeps from the forward for the backward.
+
+    Frozen weights are saved by reference too; they are counted once and are the same for every
+    case of one shape, so differences between cases are activation memory.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = compute_loss()
+    loss.backward()
+    return sum(seen.values()) / 2**20
+
+
 def profile_case(name: str, preset_name: str, steps: int, rows: int) -> dict[str, Any]:
     spec = preset(preset_name)
     measure.configure(spec.workload.threads, spec.workload.device)
@@ -66,6 +86,7 @@ def profile_case(name: str, preset_name: str, steps: int, rows: int) -> dict[str
         "case": name,
         "preset": preset_name,
         "ms_per_step_profiled": total_ms,
+        "saved_for_backward_mb": saved_for_backward_mb(setup.compute_loss),
         **split_by_category(events),
     }
 

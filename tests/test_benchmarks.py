@@ -215,3 +215,24 @@ def test_unknown_preset_and_workload_keys_are_refused() -> None:
         with_workload(TINY, ["batchsize=4"])
     changed = with_workload(TINY, ["orchestration_pairs=3", "label_fraction=0.25"]).workload
     assert (changed.orchestration_pairs, changed.label_fraction, changed.label_positions) == (3, 0.25, 8)
+
+
+def test_profile_counts_saved_activations_and_sorts_operators() -> None:
+    """x * w with only x trainable keeps w (and nothing else) for the backward: 1000 floats."""
+    import torch
+
+    from benchmarks import profile_step
+
+    x = torch.ones(1000, requires_grad=True)
+    w = torch.full((1000,), 2.0)
+
+    def loss() -> torch.Tensor:
+        return (x * w).sum()  # inside the hook: the product must happen while it listens
+
+    assert profile_step.saved_for_backward_mb(loss) == 4000 / 2**20
+    assert x.grad is not None and torch.equal(x.grad, w)
+    assert [profile_step.category(n) for n in ("aten::mm", "aten::_log_softmax", "aten::mul")] == [
+        "gemm",
+        "loss_softmax",
+        "other",
+    ]
