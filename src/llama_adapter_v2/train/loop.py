@@ -117,8 +117,9 @@ class LossOf(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                images: torch.Tensor | None) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images)
+                images: torch.Tensor | None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images,
+                            image_mask=image_mask)
         return output.loss
 
 
@@ -213,7 +214,8 @@ class Trainer:
             sync = self.wrapped.no_sync() if self.ctx.distributed and not last else _nullcontext()
             with sync, self.precision.autocast():
                 loss = self.wrapped(
-                    batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"]
+                    batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"],
+                    batch.get("has_image"),
                 )
             scaled = loss / self.training.grad_accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -264,7 +266,8 @@ class Trainer:
                 batch = to_device(raw, self.ctx.device)
                 with self.precision.autocast():
                     loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      labels=batch["labels"], images=batch["images"]).loss
+                                      labels=batch["labels"], images=batch["images"],
+                                      image_mask=batch.get("has_image")).loss
                 tokens = supervised_tokens(batch["labels"])
                 total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64)
             total = all_reduce_sum(total, self.ctx)
