@@ -1,13 +1,17 @@
 """Prefect flows of the pipeline: thin wrappers over the library, one per stage, and ``pipeline``.
 
-Each task calls the same library function as the matching ``dvc.yaml`` stage, so a Prefect
-deployment and ``dvc repro`` produce the same artifacts. What Prefect adds:
+Each task calls the same library function as the matching ``dvc.yaml`` stage (which reaches it
+through ``lav2``), so a Prefect deployment and ``dvc repro`` produce the same artifacts; the one
+extra task regenerates the demo data when it is absent (DVC versions it in ``data.dvc``).
+What Prefect adds:
 
 - every flow run carries the config path and the data hash (``data.dvc`` md5) as parameters
   and as tags (``config:<name>``, ``data:<hash>``);
-- tasks that read or write files retry on transient errors (OSError, connection errors);
+- tasks that read or write files retry on transient errors only (network drops, timeouts,
+  flaky-storage errnos), never on a missing file or a bad value;
 - training never restarts blindly: it always runs ``train(cfg, resume=True)``, so a retry or a
-  re-run continues from the last complete checkpoint, and only transient errors trigger a retry;
+  re-run continues from the last complete checkpoint of the same training (same config sections,
+  data and tracking store; another training's checkpoints are removed first);
 - unchanged inputs reuse cached results: the cache key of a stage is the hash of the config
   sections it reads plus the data hash; results are stored as JSON (never pickled), and a
   stage whose outputs are gone runs again (``refresh_cache``).
