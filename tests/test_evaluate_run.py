@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny_models import random_gates, tiny_config, write_tiny_base
+from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
 from llama_adapter_v2.data.records import Record, Turn, caption_record
 from llama_adapter_v2.data.shards import write_split

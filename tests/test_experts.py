@@ -62,7 +62,7 @@ def test_registry_lists_builtin_experts() -> None:
 
 
 def test_caption_expert_captions_like_the_model_it_loads(tmp_path: Path) -> None:
-    from tiny_models import random_gates, tiny_config, write_tiny_base
+    from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
     from llama_adapter_v2.evaluate.generation import GenerationSettings, caption_prompt, generate_texts
     from llama_adapter_v2.model.build import build_model, load_tokenizer

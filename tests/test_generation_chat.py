@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from tiny_models import random_gates, tiny_config, write_tiny_base
+from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
 from llama_adapter_v2.evaluate.chat import (
     ChatSession,

@@ -1,11 +1,11 @@
-"""The conftest guard that keeps the test run on 127.0.0.1 (called directly: nothing is sent)."""
+"""The network guard that keeps the test run on 127.0.0.1 (called directly: nothing is sent)."""
 
 from __future__ import annotations
 
 import socket
 
 import pytest
-from conftest import _refuse_outside_connections
+from network_guard import _refuse_outside_connections
 
 
 @pytest.mark.parametrize("address", [("192.0.2.1", 80), ("example.org", 443)])
