@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import network_guard
@@ -10,10 +12,23 @@ import pytest
 import llama_adapter_v2  # noqa: F401 - applies offline.env before any heavy import
 
 REPO = Path(__file__).resolve().parents[1]
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 SHARED_REAL = REPO.parent / "shared" / "data" / "real"
 
 
 network_guard.install()
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_uris() -> Iterator[None]:
+    """mlflow.set_tracking_uri/set_registry_uri export env vars; one test's store must not leak."""
+    saved = {key: os.environ.get(key) for key in MLFLOW_URI_VARIABLES}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,9 @@ def project_copy(destination: Path) -> Path:
 def project_env(project: Path, prefect_home: Path, **extra: str) -> dict[str, str]:
     """Environment for commands run on the copy: its own root, Prefect home and venv on PATH."""
     env = dict(os.environ)
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+    # mlflow.set_tracking_uri/set_registry_uri export these: an earlier in-process test's store
+    # must not become the copy's registry
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         env.pop(key, None)
     env.update({
         "LAV2_ROOT": str(project),
