@@ -45,7 +45,7 @@ def pipeline(config: ConfigFile, overrides: Overrides = None) -> None:
     cfg = load_or_exit(config, overrides)  # a bad config fails here, before Prefect starts
     from prefect.flows import load_flow_from_entrypoint
 
-    from llama_adapter_v2.registry.tracking import tracking_uri
+    from llama_adapter_v2.config.locations import tracking_uri
 
     root = project_root()
     os.chdir(root)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_adapter_v2.config.locations import embedded_tracking_uri
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.environment import project_root
 
 REGISTRY_PREFIX = "models:/"
 ADAPTER_META = "adapter.json"
@@ -30,7 +30,7 @@ class LoadedModel:
 
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the project's sqlite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
 
 
 def download_registered_adapter(uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Path:

@@ -12,20 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_adapter_v2.config import Config
-from llama_adapter_v2.environment import project_root
+from llama_adapter_v2.config.locations import artifact_root, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 
-def tracking_uri(cfg: Config) -> str:
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
-
-
-def artifact_root(cfg: Config) -> Path:
-    return cfg.tracking.artifact_root or project_root() / "mlruns" / "artifacts"
 
 
 def is_remote(uri: str) -> bool:

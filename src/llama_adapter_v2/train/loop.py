@@ -375,9 +375,10 @@ def open_tracking(cfg: Config, ctx: DistContext, trainer: Trainer) -> Tracker:
     """Rank 0 logs to MLflow (reopening the checkpoint's run on resume); other ranks log nothing."""
     if not (cfg.tracking.enabled and ctx.is_main):
         return Tracker()
+    from llama_adapter_v2.config.locations import tracking_uri
     from llama_adapter_v2.environment import project_root
     from llama_adapter_v2.model.checkpoint import base_identity
-    from llama_adapter_v2.train.tracking import data_dvc_hash, git_commit, open_tracker, tracking_uri
+    from llama_adapter_v2.train.tracking import data_dvc_hash, git_commit, open_tracker
 
     resumed = trainer.run_id is not None
     tracker = open_tracker(cfg, resume_run_id=trainer.run_id)
@@ -475,7 +476,8 @@ def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResul
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
     """Train the adapter as ``cfg`` says; under ``torchrun`` each process calls this."""
-    from llama_adapter_v2.train.tracking import check_reachable, tracking_uri
+    from llama_adapter_v2.config.locations import tracking_uri
+    from llama_adapter_v2.train.tracking import check_reachable
 
     started = time.perf_counter()
     ctx = init_distributed(cfg.training)

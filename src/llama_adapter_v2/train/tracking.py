@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from llama_adapter_v2.config.locations import artifact_root, tracking_uri
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.environment import project_root
 
 LOG = logging.getLogger(__name__)
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
@@ -36,15 +36,6 @@ class TrackingUnavailableError(RuntimeError):
     """The configured tracking server cannot be reached when the run starts."""
 
 
-def tracking_uri(cfg: Config) -> str:
-    """``tracking.uri``, or the project's sqlite store ``<root>/mlruns/mlflow.db``."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
-
-
-def artifact_root(cfg: Config) -> Path:
-    return cfg.tracking.artifact_root or project_root() / "mlruns" / "artifacts"
 
 
 def _quiet_http_client() -> None:
