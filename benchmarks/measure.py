@@ -31,9 +31,11 @@ def configure(threads: int, device: str) -> None:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (ru_maxrss, in KiB on Linux).
 
-    The kernel updates its high-water mark lazily, so it can trail the current RSS a little.
+    The kernel updates its high-water mark lazily, so it can trail an RSS read earlier from
+    /proc; every reading this process took counts too, so the peak is never below one of them.
     """
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, current_rss_mb())
+    kernel_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return max(kernel_peak, current_rss_mb(), _highest_read[0])
 
 
 def rss_after_imports(*modules: str) -> float:
@@ -46,7 +48,12 @@ def rss_after_imports(*modules: str) -> float:
 def current_rss_mb() -> float:
     with open("/proc/self/statm", encoding="ascii") as statm:
         resident_pages = int(statm.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    rss = resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    _highest_read[0] = max(_highest_read[0], rss)
+    return rss
+
+
+_highest_read = [0.0]  # the highest RSS current_rss_mb has read in this process
 
 
 def synchronize(device: str) -> None:
