@@ -100,3 +100,25 @@ def test_fsdp_is_refused_with_a_message_not_half_run() -> None:
     training = TrainingConfig(distributed={"strategy": "fsdp"})
     with pytest.raises(NotImplementedError, match="strategy=fsdp is not supported"):
         wrap_for_training(torch.nn.Linear(2, 2), SINGLE, training)
+
+
+def test_bf16_autocast_keeps_the_base_in_bf16_and_the_adapter_in_fp32(
+    tiny_project: Path, tmp_path: Path
+) -> None:
+    """The GPU path (bf16 autocast) on CPU: half-size frozen base, fp32 trainables, disjoint steps."""
+    trainer = Trainer(tiny_config(tiny_project, tmp_path, "training.precision=bf16"), SINGLE)
+    trainable = {id(p) for members in trainer.model.parameter_groups().values() for _, p in members}
+    frozen = [p for p in trainer.model.parameters() if id(p) not in trainable]
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert [names[id(p)] for p in frozen if p.dtype != torch.bfloat16] == []
+    assert frozen
+    assert {p.dtype for members in trainer.model.parameter_groups().values() for _, p in members} == {
+        torch.float32
+    }
+    trainer.schedule[:2] = ["caption", "instruction"]
+    before = _snapshot(trainer)
+    caption = trainer.train_step(measure=False)
+    assert _changed(before["language"], trainer, "language") == []
+    instruction = trainer.train_step(measure=False)
+    assert torch.isfinite(torch.tensor([caption["loss/caption"], instruction["loss/instruction"]])).all()
+    assert trainer.holdout_losses().keys() == {"caption", "instruction"}

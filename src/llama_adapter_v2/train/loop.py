@@ -32,7 +32,12 @@ from llama_adapter_v2.train.distributed import (
     shutdown,
     wrap_for_training,
 )
-from llama_adapter_v2.train.optim import GroupOptimizer, Precision, build_group_optimizer
+from llama_adapter_v2.train.optim import (
+    GroupOptimizer,
+    Precision,
+    build_group_optimizer,
+    keep_trainable_in_fp32,
+)
 from llama_adapter_v2.train.state import optimizer_state, restore_optimizer, restore_rng, rng_state
 from llama_adapter_v2.train.tracking import Tracker
 
@@ -160,7 +165,9 @@ class Trainer:
         self.cfg, self.ctx, self.training = cfg, ctx, cfg.training
         torch.manual_seed(self.training.seed)
         random.seed(self.training.seed)
-        self.model = build_model(cfg, device=ctx.device, dtype=torch.float32)
+        self.precision = Precision(ctx.device.type, self.training.precision)
+        self.model = build_model(cfg, device=ctx.device, dtype=self.precision.frozen_dtype)
+        keep_trainable_in_fp32(self.model.parameter_groups())
         self.model.set_trainable(["visual", "language"])
         self.tokenizer = load_tokenizer(cfg)
         self.schedule = task_schedule(self.training)
@@ -173,7 +180,6 @@ class Trainer:
             )
             for name in ("visual", "language") if totals[name] > 0
         }
-        self.precision = Precision(ctx.device.type, self.training.precision)
         self.scaler = self.precision.make_scaler()
         self.wrapped = wrap_for_training(LossOf(self.model), ctx, self.training)
         self.streams = {task: self._stream(task, "train") for task in TASKS if task in self.schedule}

@@ -156,3 +156,20 @@ class Precision:
 
     def make_scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler(self.device_type) if self.mode == "fp16" else None
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """Storage dtype of the frozen base and tower.
+
+        Under autocast every matmul runs in half precision anyway, so an fp32 copy of a frozen
+        7B base would only double its memory and add a cast per op and step.
+        """
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mode]
+
+
+def keep_trainable_in_fp32(groups: dict[str, NamedParams]) -> None:
+    """Trainable tensors stay fp32 whatever the base's dtype: AdamW updates of 1e-4 relative
+    size vanish in bf16's 8-bit mantissa."""
+    for named in groups.values():
+        for _, param in named:
+            param.data = param.data.float()
