@@ -127,8 +127,13 @@ def step_result(
 def training_step(
     params: list[torch.nn.Parameter], compute_loss: Callable[[], torch.Tensor]
 ) -> Callable[[], float]:
-    """One optimiser step of AdamW over ``params``: the same optimiser for every training case."""
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    """One optimiser step of AdamW over ``params``: the same optimiser for every training case.
+
+    ``foreach=True`` for every case (fair): on CPU torch otherwise picks the single-tensor loop,
+    whose cost grows with the number of trainable tensors rather than their size, and the
+    project's training uses the multi-tensor AdamW too (``train/optim.py``).
+    """
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=True)
 
     def step() -> float:
         loss = compute_loss()

@@ -59,3 +59,29 @@ def test_step_reports_the_norm_before_clipping_and_clips_to_the_limit() -> None:
     assert stats.param_norm == pytest.approx(0.5, rel=1e-5)
     assert stats.update_ratio == pytest.approx(1.0, rel=1e-5)
     assert group.steps_taken == 1 and math.isclose(group.current_lr(), 0.5)
+
+
+def test_groups_use_the_multi_tensor_adamw_and_it_matches_the_single_tensor_update() -> None:
+    """foreach batches the per-tensor kernels; the update is AdamW's to float rounding."""
+    torch.manual_seed(0)
+    named = [(f"l{i}.bias", torch.nn.Parameter(torch.randn(7))) for i in range(5)]
+    named.append(("l.lora_a", torch.nn.Parameter(torch.randn(3, 7))))
+    twins = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
+    cfg = GroupOptimConfig(base_lr=0.1, weight_decay=0.05, warmup_steps=1)
+    training = TrainingConfig(grad_clip=None, scale_lr=False)
+    group = build_group_optimizer("language", named, cfg, training, total_steps=3)
+    assert [g["foreach"] for g in group.optimizer.param_groups] == [True, True]
+    single = torch.optim.AdamW([{"params": twins[5:], "weight_decay": 0.05},
+                                {"params": twins[:5], "weight_decay": 0.0}],
+                               lr=0.1, betas=(0.9, 0.95), eps=cfg.eps, foreach=False)
+    for step in range(3):
+        grads = [torch.randn_like(p) for _, p in named]
+        for (_, p), twin, grad in zip(named, twins, grads, strict=True):
+            p.grad, twin.grad = grad.clone(), grad.clone()
+        for g in single.param_groups:
+            g["lr"] = group.current_lr()
+        group.step()
+        single.step()
+        moved = [float((p.detach() - t.detach()).abs().max()) for (_, p), t in zip(named, twins, strict=True)]
+        assert max(moved) < 1e-6, (step, moved)
+    assert not torch.equal(named[0][1], torch.zeros(7))
