@@ -61,7 +61,10 @@ def child_command(case: Case, spec: Spec, litgpt_python: Path) -> list[str]:
 
 def child_env(spec: Spec) -> dict[str, str]:
     threads = str(spec.workload.threads)
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONPATH=str(REPO))
+    # The repo first (benchmarks/ is not installed); a caller's PYTHONPATH (wheels carried to a
+    # GPU machine) stays behind it.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONPATH=path)
     env.setdefault("LAV2_ROOT", str(REPO))
     return env
 
