@@ -96,10 +96,10 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(tiny_project: Path, tmp_p
         train(tiny_config(tiny_project, tmp_path))
 
 
-def test_fsdp_is_refused_with_a_message_not_half_run() -> None:
-    training = TrainingConfig(distributed={"strategy": "fsdp"})
-    with pytest.raises(NotImplementedError, match="strategy=fsdp is not supported"):
-        wrap_for_training(torch.nn.Linear(2, 2), SINGLE, training)
+def test_fsdp_in_one_process_is_the_plain_model() -> None:
+    """One process has nothing to shard: the fsdp switch leaves the module as it is (as ddp does)."""
+    module = torch.nn.Linear(2, 2)
+    assert wrap_for_training(module, SINGLE, TrainingConfig(distributed={"strategy": "fsdp"})) is module
 
 
 def test_bf16_autocast_keeps_the_base_in_bf16_and_the_adapter_in_fp32(

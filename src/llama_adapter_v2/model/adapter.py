@@ -214,7 +214,8 @@ class LlamaAdapterV2(nn.Module):
                 parameter.requires_grad_(group in chosen)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: parameter.detach() for name, parameter in self.adapter_named_parameters()}
+        """Whole tensors, also when FSDP2 shards them (then a collective: every rank calls it)."""
+        return {name: _whole(parameter.detach()) for name, parameter in self.adapter_named_parameters()}
 
     @torch.no_grad()
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -234,13 +235,13 @@ class LlamaAdapterV2(nn.Module):
         if wrong:
             raise ValueError("adapter tensor shapes differ from this model's: " + "; ".join(wrong[:5]))
         for name, parameter in own.items():
-            parameter.copy_(state[name])
+            parameter.copy_(_split_like(parameter, state[name]))
 
     def gate_values(self) -> dict[str, float]:
         """Mean |tanh(gate)| per adapted layer (how much each layer listens to its prompts)."""
         return {
             f"layer_{attention.layer_idx:02d}_{attention.source}": float(
-                torch.tanh(attention.gate.detach()).abs().mean()
+                torch.tanh(_whole(attention.gate.detach())).abs().mean()
             )
             for attention in self.prompted_attentions()
         }
@@ -337,3 +338,21 @@ def _with_prompts(
         return args, {**kwargs, "adapter_prompts": prompts}
 
     return inject
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter sharded by FSDP2 (a DTensor) gathered whole; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _split_like(parameter: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``whole`` when ``parameter`` is an FSDP2 DTensor (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(parameter, DTensor):
+        return whole
+    return distribute_tensor(
+        whole.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None
+    )

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig
@@ -77,11 +78,18 @@ def _write_atomic(path: Path, write: Any) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def save_adapter(model: LlamaAdapterV2, folder: Path | str) -> Path:
-    """Write the adapter parameters and their metadata into ``folder`` (created if needed)."""
+def save_adapter(
+    model: LlamaAdapterV2, folder: Path | str, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the adapter parameters and their metadata into ``folder`` (created if needed).
+
+    ``state``: the model's ``adapter_state_dict()`` taken by the caller. Sharded (FSDP) training
+    gathers it on every rank, since gathering is a collective, and only rank 0 writes.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.contiguous().cpu() for name, tensor in model.adapter_state_dict().items()}
+    state = model.adapter_state_dict() if state is None else state
+    tensors = {name: tensor.contiguous().cpu() for name, tensor in state.items()}
     _write_atomic(
         folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": "pt"})
     )
@@ -148,7 +156,7 @@ def load_adapter(model: LlamaAdapterV2, folder: Path | str) -> LlamaAdapterV2:
         raise AdapterMismatchError(
             f"{folder}: adapter config differs from the model's: " + "; ".join(problems)
         )
-    device = next(iter(model.adapter_state_dict().values())).device
+    device = model.adapter_named_parameters()[0][1].device  # not adapter_state_dict: it gathers
     with safe_open(folder / WEIGHTS_FILE, framework="pt", device=str(device)) as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     model.load_adapter_state_dict(state)

@@ -1,17 +1,36 @@
-"""torch.distributed set-up for ``torchrun``: gloo on CPU, NCCL on GPU, DDP.
+"""torch.distributed set-up for ``torchrun``: gloo on CPU, NCCL on GPU, DDP or FSDP2.
 
 One process per device; ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK. Without them the
 run is a single process and nothing here touches torch.distributed.
+
+``training.distributed.strategy`` picks how the ranks share the model:
+
+* ``ddp``: every rank holds the whole model; gradients are all-reduced.
+* ``fsdp``: FSDP2 (``fully_shard``): every frozen and trainable weight is a DTensor sharded
+  over the ranks (dim 0), so a base too big for one device is split across them. A unit is
+  gathered only around its own forward and backward. The units are each decoder layer's MLP
+  and its attention projections, then the whole model as root (embeddings, head, norms,
+  prompts, gates, the visual bridge and the CLIP tower: the root stays gathered through the
+  step). Not whole decoder layers: the prompt keys and values of every adapted layer are
+  computed once per forward by the model's root (model/adapter.py ``prompt_states``) through
+  that layer's ``k_proj``/``v_proj`` and its ``prompt``, outside the layer's own forward;
+  called as modules, the projections gather themselves wherever they run. Checkpoints always
+  hold whole tensors (:func:`full_tensor` gathers, :func:`shard_like` splits), so they load
+  in any world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llama_adapter_v2.config.schema import TrainingConfig
 
@@ -69,18 +88,121 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 def wrap_for_training(module: nn.Module, ctx: DistContext, training: TrainingConfig) -> nn.Module:
-    """DDP with find_unused_parameters: a text-only batch never touches the visual path.
+    """``module`` is the trainer's LossOf: DDP around it, or FSDP2 sharding of its ``model``.
 
-    FSDP is refused with a clear message: torch's FSDP needs an accelerator, and sharded
-    parameters would need full-state gathering for the per-group clipping and adapter
-    checkpoints, which this engine does not do yet.
+    DDP runs with find_unused_parameters: a text-only batch never touches the visual path.
+    One process gets the module as it is under either strategy.
     """
-    if training.distributed.strategy == "fsdp":
-        raise NotImplementedError(
-            "training.distributed.strategy=fsdp is not supported yet (sharded adapter checkpoints and "
-            "per-group clipping are not implemented; torch's FSDP also needs a GPU); use ddp"
-        )
     if not ctx.distributed:
+        return module
+    if training.distributed.strategy == "fsdp":
+        check_fsdp_supported(training)
+        shard_model(module.model, ctx)  # type: ignore[arg-type]  # LossOf.model
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def check_fsdp_supported(training: TrainingConfig) -> None:
+    """Refuse what FSDP2 cannot do here before any weight is sharded (the message says why)."""
+    if training.trainable == "all":
+        raise NotImplementedError(
+            "training.distributed.strategy=fsdp with training.trainable=all is not supported: a rank "
+            "whose instruction batch has no image gives the visual path no gradient while another rank "
+            "does, and FSDP2's reduce-scatter needs the same gradients on every rank; use ddp for "
+            "this ablation"
+        )
+    if training.precision == "fp16":
+        raise NotImplementedError(
+            "training.distributed.strategy=fsdp with precision=fp16 is not supported (the gradient "
+            "scaler's unscale is not built for sharded gradients); use bf16"
+        )
+
+
+def shard_units(model: Any) -> list[nn.Module]:
+    """The FSDP2 units under the root; see the module docstring for what stays in the root.
+
+    A unit's forward all-gathers it, so every rank must run the same units the same number of
+    times. A text-only batch skips the CLIP tower and the visual layers' prompt projections on
+    one rank while an image batch runs them on another: those stay whole in the root unit.
+    """
+    units: list[nn.Module] = []
+    for layer in model.base.model.layers:
+        attention = layer.self_attn
+        names = ["q_proj", "o_proj"]
+        if getattr(attention, "source", None) != "visual":
+            names += ["k_proj", "v_proj"]
+        units += [layer.mlp] + [getattr(attention, name) for name in names]
+    return units
+
+
+def shard_model(model: nn.Module, ctx: DistContext) -> None:
+    """fully_shard every unit, then the model as root (in place; parameters become DTensors)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _sharded_root(module: nn.Module) -> Any:
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = getattr(module, "model", module)
+    return inner if isinstance(inner, FSDPModule) else None
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Around a micro-batch's forward and backward: ``enabled=False`` keeps its gradients local.
+
+    DDP: ``no_sync``. FSDP2: ``set_requires_gradient_sync(False)``, read in the backward, so
+    the backward must run inside this block. One process: nothing to skip.
+    """
+    if enabled:
+        yield
+        return
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+        return
+    root = _sharded_root(module)
+    if root is None:
+        yield
+        return
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free gathered weights: the FSDP2 root stays gathered after a no-grad forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every rank must call it), else itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(reference: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` split as ``reference`` is: this rank's shard of a DTensor parameter, else ``full``.
+
+    Every rank holds the whole tensor (read from the checkpoint), so each takes its own chunk
+    and nothing is communicated.
+    """
+    if not isinstance(reference, DTensor) or full.shape != reference.shape:
+        return full
+    local = full.to(device=reference.device)
+    return distribute_tensor(local, reference.device_mesh, reference.placements, src_data_rank=None)

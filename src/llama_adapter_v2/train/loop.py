@@ -28,7 +28,9 @@ from llama_adapter_v2.train import checkpoint as ckpt
 from llama_adapter_v2.train.distributed import (
     DistContext,
     all_reduce_sum,
+    gradient_sync,
     init_distributed,
+    reshard,
     shutdown,
     wrap_for_training,
 )
@@ -36,6 +38,7 @@ from llama_adapter_v2.train.optim import (
     GroupOptimizer,
     Precision,
     build_group_optimizer,
+    effective_batch,
     keep_trainable_in_fp32,
 )
 from llama_adapter_v2.train.state import optimizer_state, restore_optimizer, restore_rng, rng_state
@@ -169,6 +172,8 @@ class Trainer:
         self.model = build_model(cfg, device=ctx.device, dtype=self.precision.frozen_dtype)
         keep_trainable_in_fp32(self.model.parameter_groups())
         self.model.set_trainable(["visual", "language"])
+        # before the optimizers: FSDP replaces every parameter by its DTensor shard
+        self.wrapped = wrap_for_training(LossOf(self.model), ctx, self.training)
         self.tokenizer = load_tokenizer(cfg)
         self.schedule = task_schedule(self.training)
         totals = steps_per_group(self.schedule, self.training)
@@ -181,7 +186,6 @@ class Trainer:
             for name in ("visual", "language") if totals[name] > 0
         }
         self.scaler = self.precision.make_scaler()
-        self.wrapped = wrap_for_training(LossOf(self.model), ctx, self.training)
         self.streams = {task: self._stream(task, "train") for task in TASKS if task in self.schedule}
         self.step = 0
         self.history = empty_history()
@@ -217,14 +221,14 @@ class Trainer:
         for micro in range(self.training.grad_accum):
             batch = to_device(self.streams[task].next_batch(), self.ctx.device)
             last = micro == self.training.grad_accum - 1
-            sync = self.wrapped.no_sync() if self.ctx.distributed and not last else _nullcontext()
-            with sync, self.precision.autocast():
-                loss = self.wrapped(
-                    batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"],
-                    batch.get("has_image"),
-                )
-            scaled = loss / self.training.grad_accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            with gradient_sync(self.wrapped, enabled=last):  # the backward too: FSDP2 reads it there
+                with self.precision.autocast():
+                    loss = self.wrapped(
+                        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"],
+                        batch.get("has_image"),
+                    )
+                scaled = loss / self.training.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             tokens = float(batch["attention_mask"].sum())
             loss_sum += torch.tensor([float(loss.detach()), tokens], dtype=torch.float64)
         stepped = [name for name in names if name in self.groups]
@@ -279,12 +283,14 @@ class Trainer:
             total = all_reduce_sum(total, self.ctx)
             results[task] = float(total[0] / total[1].clamp(min=1))
             self.history["holdout"].append([self.step, task, results[task]])
+        reshard(self.model)
         self.model.set_trainable(["visual", "language"])
         return results
 
     # ------------------------------------------------------------------ checkpoints
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a resume needs, as whole tensors (under FSDP a collective: all ranks call it)."""
         tensors, rng_plain = rng_state()
         groups: dict[str, Any] = {}
         for name, group in self.groups.items():
@@ -293,6 +299,7 @@ class Trainer:
             groups[name] = {"steps_taken": group.steps_taken, "optimizer": plain}
         state = {
             "step": self.step, "run_id": self.run_id, "world_size": self.ctx.world_size,
+            "global_batch": effective_batch(self.training, self.ctx.world_size),
             "config_name": self.cfg.name, "groups": groups, "rng": rng_plain,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": {task: stream.position() for task, stream in self.streams.items()},
@@ -300,12 +307,16 @@ class Trainer:
         }
         return tensors, state
 
-    def save_checkpoint(self, holdout: dict[str, float] | None) -> Path:
+    def save_checkpoint(self, holdout: dict[str, float] | None) -> Path | None:
+        """Every rank calls it (FSDP gathers the shards); rank 0 writes and returns the folder."""
         from llama_adapter_v2.model.checkpoint import save_adapter
 
         tensors, state = self.training_state()
+        adapter = self.model.adapter_state_dict()
+        if not self.ctx.is_main:
+            return None
         folder = ckpt.write_checkpoint(
-            self.checkpoints, self.step, save_adapter=lambda out: save_adapter(self.model, out),
+            self.checkpoints, self.step, save_adapter=lambda out: save_adapter(self.model, out, adapter),
             tensors=tensors, state=state,
         )
         policy = self.training.checkpoint
@@ -321,11 +332,7 @@ class Trainer:
         from llama_adapter_v2.model.checkpoint import load_adapter
 
         state = loaded.state
-        if state["world_size"] != self.ctx.world_size:
-            raise RuntimeError(
-                f"{loaded.folder}: written by {state['world_size']} processes, resumed with "
-                f"{self.ctx.world_size}; data positions are per rank, so resume with the same world size"
-            )
+        check_resumable(loaded, self.ctx.world_size, effective_batch(self.training, self.ctx.world_size))
         load_adapter(self.model, loaded.adapter_dir)
         for name, group in self.groups.items():
             saved = state["groups"][name]
@@ -340,10 +347,28 @@ class Trainer:
         self.best, self.run_id = state["best_holdout"], state["run_id"]
 
 
-def _nullcontext() -> Any:
-    import contextlib
+def check_resumable(loaded: ckpt.LoadedCheckpoint, world_size: int, global_batch: int) -> None:
+    """Another world size may resume a checkpoint only at the same global batch.
 
-    return contextlib.nullcontext()
+    Checkpoints hold whole tensors, so any world size can load them. Each task's data position
+    (epoch, batches taken) then stands for the same number of samples of that epoch, but not the
+    same samples: rank r reads the r-th slice of the epoch's permutation, so the rest of the epoch
+    is drawn from another split of it. The run continues the same way statistically, not exactly.
+    """
+    state = loaded.state
+    if state["world_size"] == world_size:
+        return
+    if state.get("global_batch") != global_batch:
+        raise RuntimeError(
+            f"{loaded.folder}: written by {state['world_size']} processes at a global batch of "
+            f"{state.get('global_batch', 'unrecorded')}, resumed with {world_size} at {global_batch}; "
+            f"set training.batch_size so that the global batch matches, or resume with the same world size"
+        )
+    LOG.warning(
+        "%s: written by %d processes, resumed with %d at the same global batch %d; the rest of each "
+        "epoch is drawn from another split of its permutation", loaded.folder, state["world_size"],
+        world_size, global_batch,
+    )
 
 
 # --------------------------------------------------------------------------- the run
@@ -439,7 +464,7 @@ def run_steps(trainer: Trainer, tracker: Tracker) -> None:
                 tracker.log_step(step, {f"holdout/{task}": value for task, value in holdout.items()})
             if step % training.log_every_steps == 0:
                 tracker.flush()
-            if checkpoint_due and trainer.ctx.is_main:
+            if checkpoint_due:
                 trainer.save_checkpoint(holdout)
             loss = next(v for k, v in metrics.items() if k.startswith("loss/"))
             info = f"loss {loss:.3f}  {metrics['tokens_per_s']:,.0f} tok/s"
@@ -463,8 +488,9 @@ def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResul
     # wall time per step on the training thread, tracking calls included (0 steps: resumed at the end)
     busy = trainer.step_seconds + tracker.seconds_spent
     final["train/seconds_per_step"] = busy / max(trainer.steps_run, 1)
+    adapter = trainer.model.adapter_state_dict()  # every rank: under FSDP gathering is a collective
     if trainer.ctx.is_main:
-        save_adapter(trainer.model, adapter_dir)
+        save_adapter(trainer.model, adapter_dir, adapter)
         (out / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.model_dump(mode="json"), sort_keys=False))
         (out / "parameters.json").write_text(json.dumps(parameter_report(trainer.model), indent=2) + "\n")
         plots = draw_all(trainer.history, out / "plots")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llama_adapter_v2.config.schema import GroupOptimConfig, TrainingConfig
+from llama_adapter_v2.train.distributed import full_tensor
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 
@@ -64,8 +65,13 @@ def decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and not name.endswith("bias")
 
 
+def _norm(tensor: torch.Tensor) -> torch.Tensor:
+    """L2 norm as a plain tensor, also of an FSDP2 DTensor shard (then all ranks must call it)."""
+    return full_tensor(tensor.float().norm())
+
+
 def _param_norm(params: list[nn.Parameter]) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in params])))
+    return float(torch.linalg.vector_norm(torch.stack([_norm(p.detach()) for p in params])))
 
 
 @dataclass
@@ -94,7 +100,8 @@ class GroupOptimizer:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         limit = self.grad_clip if self.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        # over DTensor gradients (FSDP2) clip_grad_norm_ reduces across ranks and gives a DTensor
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, limit)))
         before = [p.detach().clone() for p in self.params] if measure else []
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -104,7 +111,7 @@ class GroupOptimizer:
         stats = GroupStepStats(lr=lr, grad_norm=grad_norm)
         if measure:
             stats.param_norm = _param_norm(self.params)
-            moved = [(p.detach() - b).float().norm() for p, b in zip(self.params, before, strict=True)]
+            moved = [_norm(p.detach() - b) for p, b in zip(self.params, before, strict=True)]
             update = torch.stack(moved)
             stats.update_ratio = float(torch.linalg.vector_norm(update)) / max(stats.param_norm, 1e-12)
         return stats

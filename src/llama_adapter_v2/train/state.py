@@ -13,18 +13,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama_adapter_v2.train.distributed import full_tensor, shard_like
+
 TensorMap = dict[str, torch.Tensor]
 
 
 def optimizer_state(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[TensorMap, dict[str, Any]]:
-    """Split an optimizer's state dict into tensors (keyed under ``prefix``) and JSON."""
+    """Split an optimizer's state dict into tensors (keyed under ``prefix``) and JSON.
+
+    Moments of FSDP2-sharded parameters are gathered whole (a collective), so the file is the
+    same whatever the world size that wrote it.
+    """
     full = optimizer.state_dict()
     tensors: TensorMap = {}
     plain: dict[str, dict[str, Any]] = {}
     for index, values in full["state"].items():
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}/state/{index}/{name}"] = value
+                tensors[f"{prefix}/state/{index}/{name}"] = full_tensor(value)
             else:
                 plain.setdefault(str(index), {})[name] = value
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in full["param_groups"]]
@@ -34,13 +40,14 @@ def optimizer_state(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[Tens
 def restore_optimizer(
     prefix: str, optimizer: torch.optim.Optimizer, tensors: TensorMap, saved: dict[str, Any]
 ) -> None:
-    """Inverse of :func:`optimizer_state`."""
+    """Inverse of :func:`optimizer_state`; each rank keeps its shard of a sharded parameter's moments."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     marker = f"{prefix}/state/"
     for key, value in tensors.items():
         if key.startswith(marker):
             index, name = key[len(marker):].split("/", 1)
-            state.setdefault(int(index), {})[name] = value
+            state.setdefault(int(index), {})[name] = shard_like(params[int(index)], value)
     for index, values in saved["plain_state"].items():
         state.setdefault(int(index), {}).update(values)
     groups = [
