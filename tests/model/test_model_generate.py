@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import pytest
 import torch
 from tiny_models import image_batch, move_gates, tiny_config, token_batch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_adapter_v2.model.adapter import LlamaAdapterV2
 from llama_adapter_v2.model.build import build_model
@@ -70,3 +74,39 @@ def test_generate_leaves_no_prompt_state_behind(model: LlamaAdapterV2) -> None:
     tokens = token_batch(length=5)
     model.generate(tokens, images=image_batch(), attention_mask=torch.ones_like(tokens), **GREEDY)
     assert not model.base._forward_pre_hooks
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops a region runs (the real kernels, nothing replaced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_beams": 2}], ids=["greedy", "beams"])
+def test_gate_and_per_head_prompts_are_computed_once_per_call_not_per_step(
+    model: LlamaAdapterV2, extra: dict[str, int]
+) -> None:
+    """tanh(gate) runs once per prompted layer for the whole call (it ran once per step before)."""
+    tokens = token_batch(length=7)
+    prompted = len(model.prompt_states(None, tokens.shape[0]))
+    assert prompted == 2  # text only: the two adaptation-prompt layers
+    with _OpCounter() as counter:
+        model.generate(tokens, attention_mask=torch.ones_like(tokens), **GREEDY, **extra)
+    assert counter.calls["aten.tanh"] == prompted
+
+
+def test_training_forward_still_takes_the_gate_gradient(model: LlamaAdapterV2) -> None:
+    """With autograd the per-head prompts are rebuilt in every forward: the gate gets its gradient."""
+    tokens = token_batch(length=7)
+    gates = [attention.gate for attention in model.prompted_attentions() if attention.source == "adaptation"]
+    model.zero_grad(set_to_none=True)
+    model(tokens, labels=tokens).loss.backward()
+    assert len(gates) == 2
+    assert all(gate.grad is not None and bool(gate.grad.abs().sum() > 0) for gate in gates)
+    model.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ and never stored on the module, so no stale prompt state can survive an optimize
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -33,10 +33,19 @@ GateKind = Literal["head", "scalar"]
 
 @dataclass(frozen=True)
 class PromptKV:
-    """Keys and values of one layer's prompt tokens, shaped (B or 1, kv_heads, prompt_len, head_dim)."""
+    """Keys and values of one layer's prompt tokens, shaped (B or 1, kv_heads, prompt_len, head_dim).
+
+    ``per_head`` memoises, for work without autograd (a ``generate`` call), the keys expanded
+    per query head and the values already scaled by ``tanh(gate)``: they are constant over the
+    call, so the decode steps after the first do only ``q Kp^T``, the softmax and ``P Vp``. It
+    lives exactly as long as this object, i.e. one forward or one ``generate`` call.
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
+    per_head: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
 
 PromptKVByLayer = Mapping[int, PromptKV]
@@ -140,13 +149,32 @@ class PromptedLlamaAttention(nn.Module):
         The gate multiplies the few prompt values rather than the long output: the same product,
         fewer multiplications, and still an exact zero at initialisation.
         """
-        batch = queries.shape[0]
-        keys = _per_head(prompt.keys, self.num_key_value_groups, batch)
-        gate = torch.tanh(self.gate).to(queries.dtype).view(1, -1, 1, 1)
-        values = _per_head(prompt.values, self.num_key_value_groups, batch) * gate
+        keys, values = self._prompt_per_head(prompt, queries.shape[0], queries.dtype)
         scores = torch.matmul(queries, keys.transpose(2, 3)) * self.scaling
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
         return torch.matmul(probs, values).transpose(1, 2)
+
+    def _prompt_per_head(
+        self, prompt: PromptKV, batch: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt keys per head and gate-scaled values per head, (batch, heads, L, head_dim) each.
+
+        Without autograd they are memoised on ``prompt`` (one ``generate`` call: computed at the
+        first step, reused by every later one). With autograd they are computed in every forward,
+        as before: a memo would hand a recomputing forward (activation checkpointing) tensors of
+        another graph. The key holds the gate's version, so an in-place change of the gate
+        (a loaded adapter, an optimizer step) is never served a stale product.
+        """
+        memoise = not torch.is_grad_enabled()
+        key = (id(self), batch, dtype, self.gate._version)
+        if memoise and key in prompt.per_head:
+            return prompt.per_head[key]
+        keys = _per_head(prompt.keys, self.num_key_value_groups, batch)
+        gate = torch.tanh(self.gate).to(dtype).view(1, -1, 1, 1)
+        values = _per_head(prompt.values, self.num_key_value_groups, batch) * gate
+        if memoise:
+            prompt.per_head[key] = (keys, values)
+        return keys, values
 
     def extra_repr(self) -> str:
         prompt_len = 0 if self.prompt is None else self.prompt.shape[0]
