@@ -87,9 +87,10 @@ def hf_llama(spec: Spec) -> Any:
         pad_token_id=0,
     )
     torch.manual_seed(spec.workload.seed)
+    # Built directly in the run's dtype: an fp32 build then a cast would put a transient fp32
+    # copy (27 GB for 7B) into the peak memory that the peers are compared on.
     with torch.device(spec.workload.device):
-        model = LlamaForCausalLM(config)
-    return model.to(measure.torch_dtype(spec.workload.dtype))
+        return LlamaForCausalLM._from_config(config, dtype=measure.torch_dtype(spec.workload.dtype))
 
 
 @dataclass

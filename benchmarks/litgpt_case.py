@@ -66,8 +66,13 @@ def measure_litgpt(spec: Spec) -> dict[str, Any]:
     rss_before = measure.current_rss_mb()
     torch.manual_seed(work.seed)
     dtype = measure.torch_dtype(work.dtype)
-    with torch.device(work.device):
-        model = GPT(litgpt_config(spec)).to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the run's dtype: no transient fp32 copy in the peak
+    try:
+        with torch.device(work.device):
+            model = GPT(litgpt_config(spec))
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.max_seq_length = work.seq_len
     mark_only_adapter_v2_as_trainable(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -98,6 +98,8 @@ def _ratio(cases: dict[str, dict[str, Any]], a: str, b: str, key: str = "median"
 def targets(cases: dict[str, dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
     """The issue's targets, each as a measured ratio against its goal (None: a side did not run)."""
     language = cases.get(LANGUAGE, {})
+    on_gpu = spec.workload.device == "cuda"  # the accelerator's memory is what limits a GPU run
+    memory, memory_key = ("peak GPU memory", "gpu_peak_mb") if on_gpu else ("peak RSS", "peak_rss_mb")
     training_samples_per_s = (
         spec.workload.batch_size / language["median_step_s"] if language.get("status") == "ok" else None
     )
@@ -128,8 +130,8 @@ def targets(cases: dict[str, dict[str, Any]], spec: Spec) -> list[dict[str, Any]
         ),
         target(
             "language_rss_vs_peft_lora",
-            "adapter V2 language peak RSS / PEFT LoRA peak RSS",
-            _ratio(cases, LANGUAGE, "train_peft_lora", "peak_rss_mb"),
+            f"adapter V2 language {memory} / PEFT LoRA {memory}",
+            _ratio(cases, LANGUAGE, "train_peft_lora", memory_key),
             1.0,
             higher_is_better=False,
         ),
@@ -240,13 +242,17 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def cases_markdown(results: dict[str, Any]) -> list[str]:
+    gpu = any(c.get("gpu_peak_mb") is not None for c in results["cases"].values())
     lines = [
-        "| case | unit | median | min | max | peak RSS MiB | trainable params | MFU | note |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| case | unit | median | min | max | peak RSS MiB |"
+        + (" peak GPU MiB |" if gpu else "")
+        + " trainable params | MFU | note |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|---|",
     ]
     for name, c in results["cases"].items():
         if c["status"] != "ok":
-            lines.append(f"| {name} | - | - | - | - | - | - | - | {c['status']}: {c['reason']} |")
+            blanks = "- | " * (7 if gpu else 6)
+            lines.append(f"| {name} | {blanks}- | {c['status']}: {c['reason']} |")
             continue
         mfu = f"{100 * c['mfu']:.1f} %" if c.get("mfu") is not None else "-"
         trainable = "-" if c["trainable_params"] is None else f"{c['trainable_params']:,}"
@@ -255,7 +261,9 @@ def cases_markdown(results: dict[str, Any]) -> list[str]:
             note += f"; {c['reason']}"
         lines.append(
             f"| {name} | {c['unit']} | {_fmt(c['median'])} | {_fmt(c['min'])} | {_fmt(c['max'])} "
-            f"| {_fmt(c['peak_rss_mb'], 0)} | {trainable} | {mfu} | {note} |"
+            f"| {_fmt(c['peak_rss_mb'], 0)} |"
+            + (f" {_fmt(c.get('gpu_peak_mb'), 0)} |" if gpu else "")
+            + f" {trainable} | {mfu} | {note} |"
         )
     return lines
 
