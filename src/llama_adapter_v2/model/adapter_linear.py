@@ -17,51 +17,6 @@ from torch.nn import functional
 ScalePosition = Literal["output", "input", "none"]
 
 
-class ScaledBias(torch.autograd.Function):
-    """``s * (y + b)`` over the last dim of ``y``, with the gradients of all three in one node.
-
-    Autograd's graph for the same expression (``addcmul(s * b, y, s)``) takes two nodes and
-    four passes over the (tokens, out) gradient: ``g * s``, ``g * y``, then one reduction over
-    tokens for each of ``s * b`` and ``y * s``. Here the backward does ``g * s`` (only if ``y``
-    needs a gradient), one ``colsum(g * y)`` and one ``colsum(g)``, and derives
-    ``g_s = colsum(g * y) + b * colsum(g)`` and ``g_b = s * colsum(g)`` from those two vectors.
-    The forward is the same ``addcmul`` as before, so values, dtype promotion under autocast
-    and the exact identity at initialisation (``s = 1``, ``b = 0``) are unchanged. ``y`` is
-    saved only when ``s`` trains (not when only the other group's parameters need gradients).
-    """
-
-    @staticmethod
-    def forward(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(scale * bias, y, scale)
-
-    @staticmethod
-    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-        y, scale, bias = inputs
-        _, needs_scale, _ = ctx.needs_input_grad
-        ctx.save_for_backward(y if needs_scale else None, scale, bias if needs_scale else None)
-        ctx.dtypes = (y.dtype, scale.dtype, bias.dtype)
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        y, scale, bias = ctx.saved_tensors
-        y_dtype, scale_dtype, bias_dtype = ctx.dtypes
-        needs_y, needs_scale, needs_bias = ctx.needs_input_grad
-        grad_y = grad_scale = grad_bias = None
-        if needs_y:
-            grad_y = (grad * scale).to(y_dtype)
-        if needs_scale or needs_bias:
-            flat = grad.reshape(-1, grad.shape[-1])
-            col = flat.sum(0)
-            if needs_bias:
-                grad_bias = (col * scale).to(bias_dtype)
-            if needs_scale:
-                product = (flat * y.reshape(-1, y.shape[-1])).sum(0)
-                grad_scale = torch.addcmul(product, col, bias).to(scale_dtype)
-        return grad_y, grad_scale, grad_bias
-
-
 class AdaptedLinear(nn.Module):
     """``y = s * ((W + c B A) x + b)`` (output form) or ``y = (W + c B A)(s * x) + b`` (input form).
 
@@ -117,12 +72,11 @@ class AdaptedLinear(nn.Module):
             x = x * self.scale
         bias = self._total_bias()
         if self.scale is not None and self.scale_position == "output":
-            # s * (W x + b) as one GEMM and one fused multiply-add pass over the output, and a
-            # backward that reduces the gradient for s and b in two passes (ScaledBias).
+            # s * (W x + b) as one GEMM and one fused multiply-add pass over the output.
             y = functional.linear(x, self.frozen.weight)
             if self.lora_a is not None:
                 y = y + self._lora(x)
-            return ScaledBias.apply(y, self.scale, bias) if bias is not None else y * self.scale
+            return torch.addcmul(self.scale * bias, y, self.scale) if bias is not None else y * self.scale
         y = functional.linear(x, self.frozen.weight, bias)
         if self.lora_a is not None:
             y = y + self._lora(x)
