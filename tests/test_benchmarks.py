@@ -236,3 +236,21 @@ def test_profile_counts_saved_activations_and_sorts_operators() -> None:
         "loss_softmax",
         "other",
     ]
+
+
+def test_gpu_train_path_keeps_groups_disjoint_and_dtypes_apart_on_the_tiny_preset() -> None:
+    """The GPU script's step (bf16 autocast, bf16 base, fp32 trainables) run on CPU at tiny size."""
+    import torch
+
+    from benchmarks import gpu_train_path
+
+    spec = with_workload(preset("tiny"), ["device=cpu"])
+    result = gpu_train_path.run(spec, frozen_dtype=None)
+    assert result["frozen_dtype"] == str(torch.bfloat16)
+    assert result["trainable_dtypes"] == [str(torch.float32)]
+    assert result["other_group_unchanged"] == {"caption": True, "instruction": True}
+    steps = spec.workload.warmup_steps + spec.workload.timed_steps
+    assert {task: len(losses) for task, losses in result["losses"].items()} == {
+        "caption": steps, "instruction": steps
+    }
+    assert result["losses"]["caption"][-1] < result["losses"]["caption"][0]
