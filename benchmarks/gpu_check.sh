@@ -18,7 +18,8 @@ if [ -z "${SKIP_WHEELS:-}" ]; then
   pip_target /tmp/litsite .whl-litgpt/*.whl || exit 1
 fi
 export LAV2_ROOT=$PWD PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
-printf '#!/bin/sh\nPYTHONPATH=/tmp/litsite:$PYTHONPATH exec %s "$@"\n' "$py" >/tmp/litpy
+# LitGPT's child sees its own wheels and the repo only (not /tmp/site), as in the measured run.
+printf '#!/bin/sh\nPYTHONPATH=/tmp/litsite:%s exec %s "$@"\n' "$PWD" "$py" >/tmp/litpy
 chmod +x /tmp/litpy
 $py -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
 
