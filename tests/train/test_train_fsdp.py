@@ -171,6 +171,20 @@ def test_fsdp_shards_a_bf16_base_with_fp32_adapter_tensors_in_the_same_units(
     assert _holdout(bf16)[(TINY_STEPS, "caption")] < _holdout(bf16)[(0, "caption")] - 0.2
 
 
+def test_fsdp_gradient_accumulation_matches_ddp(tiny_project: Path, tmp_path: Path) -> None:
+    """Two micro-batches per step, the first without gradient sync, on both strategies."""
+    runs = {}
+    for strategy in ("fsdp", "ddp"):
+        runs[strategy] = tmp_path / strategy
+        _torchrun(tiny_project, runs[strategy], f"training.distributed.strategy={strategy}",
+                  "training.batch_size=1", "training.grad_accum=2")
+    fsdp, ddp = _state(runs["fsdp"]), _state(runs["ddp"])
+    assert fsdp["global_batch"] == ddp["global_batch"] == 4
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), abs=1e-5)  # measured: 4.8e-7
+    for key, loss in _holdout(ddp).items():
+        assert _holdout(fsdp)[key] == pytest.approx(loss, abs=1e-5)
+
+
 def test_fsdp_refuses_what_it_cannot_shard_with_a_message() -> None:
     with pytest.raises(NotImplementedError, match="trainable=all is not supported"):
         check_fsdp_supported(TrainingConfig(distributed={"strategy": "fsdp"}, trainable="all"))
