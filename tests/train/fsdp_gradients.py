@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tiny_project import tiny_config
 
-from llama_adapter_v2.train.distributed import full_tensor, init_distributed, shutdown
+from llama_adapter_v2.model.sharding import full_tensor
+from llama_adapter_v2.train.distributed import init_distributed, shutdown
 from llama_adapter_v2.train.loop import GROUP_OF_TASK, Trainer
 
 

@@ -26,6 +26,7 @@ from llama_adapter_v2.config.schema import AdapterConfig, ModelConfig
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
 from llama_adapter_v2.model.attention import PromptedLlamaAttention, PromptKV, PromptSource
 from llama_adapter_v2.model.groups import Group, check_group_names, split_into_groups
+from llama_adapter_v2.model.sharding import full_tensor, shard_like
 from llama_adapter_v2.model.vision import ClipImageTransform, ClipTower, FrozenClipEncoder, VisualBridge
 
 IGNORE_INDEX = -100
@@ -215,7 +216,7 @@ class LlamaAdapterV2(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors, also when FSDP2 shards them (then a collective: every rank calls it)."""
-        return {name: _whole(parameter.detach()) for name, parameter in self.adapter_named_parameters()}
+        return {name: full_tensor(parameter.detach()) for name, parameter in self.adapter_named_parameters()}
 
     @torch.no_grad()
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -235,13 +236,13 @@ class LlamaAdapterV2(nn.Module):
         if wrong:
             raise ValueError("adapter tensor shapes differ from this model's: " + "; ".join(wrong[:5]))
         for name, parameter in own.items():
-            parameter.copy_(_split_like(parameter, state[name]))
+            parameter.copy_(shard_like(parameter, state[name]))
 
     def gate_values(self) -> dict[str, float]:
         """Mean |tanh(gate)| per adapted layer (how much each layer listens to its prompts)."""
         return {
             f"layer_{attention.layer_idx:02d}_{attention.source}": float(
-                torch.tanh(_whole(attention.gate.detach())).abs().mean()
+                torch.tanh(full_tensor(attention.gate.detach())).abs().mean()
             )
             for attention in self.prompted_attentions()
         }
@@ -339,20 +340,3 @@ def _with_prompts(
 
     return inject
 
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A parameter sharded by FSDP2 (a DTensor) gathered whole; any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _split_like(parameter: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of ``whole`` when ``parameter`` is an FSDP2 DTensor (no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(parameter, DTensor):
-        return whole
-    return distribute_tensor(
-        whole.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None
-    )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llama_adapter_v2.config.schema import GroupOptimConfig, TrainingConfig
-from llama_adapter_v2.train.distributed import full_tensor
+from llama_adapter_v2.model.sharding import full_tensor
 
 NamedParams = Sequence[tuple[str, nn.Parameter]]
 

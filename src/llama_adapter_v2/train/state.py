@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama_adapter_v2.train.distributed import full_tensor, shard_like
+from llama_adapter_v2.model.sharding import full_tensor, shard_like
 
 TensorMap = dict[str, torch.Tensor]
 
