@@ -79,6 +79,21 @@ def test_impossible_value_is_named(tmp_path: Path, demo_raw: dict, override: str
     assert key in error_keys(write(tmp_path, demo_raw), (override,))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [("training.trainable=all",), ("training.device=cuda", "training.precision=fp16")],
+    ids=["trainable-all", "fp16"],
+)
+def test_fsdp_refuses_what_it_cannot_shard_before_any_tensor(
+    tmp_path: Path, demo_raw: dict, overrides: tuple[str, ...]
+) -> None:
+    path = write(tmp_path, demo_raw)
+    assert load_config(path, overrides).training.distributed.strategy == "ddp"  # fine under DDP
+    assert error_keys(path, ("training.distributed.strategy=fsdp", *overrides)) == [
+        "training.distributed.strategy"
+    ]
+
+
 def test_prompt_layers_overlapping_visual_layers(tmp_path: Path, demo_raw: dict) -> None:
     keys = error_keys(write(tmp_path, demo_raw), ("model.adapter.prompt_layers=4",))
     assert keys == ["model.adapter.visual_layers"]

@@ -26,8 +26,6 @@ import torch
 from safetensors.torch import load_file
 from tiny_project import ONE_PROCESS_HOLDOUT, PINNED_LOSSES, TINY_STEPS, tiny_config
 
-from llama_adapter_v2.config.schema import TrainingConfig
-from llama_adapter_v2.train.distributed import check_fsdp_supported
 from llama_adapter_v2.train.loop import train
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -165,6 +163,7 @@ def test_fsdp_shards_a_bf16_base_with_fp32_adapter_tensors_in_the_same_units(
     _torchrun(tiny_project, out, "training.distributed.strategy=fsdp", "training.precision=bf16")
     bf16, fp32 = _state(out), _state(fsdp_run)
     assert {t.dtype for t in _adapter(out / "adapter").values()} == {torch.float32}
+    assert _losses(bf16) != _losses(fp32)  # autocast ran: bf16 matmuls change the last digits
     assert _losses(bf16) == pytest.approx(_losses(fp32), abs=0.02)  # measured: within 0.0033
     for (step, task), loss in _holdout(fp32).items():
         assert _holdout(bf16)[(step, task)] == pytest.approx(loss, abs=0.02)  # measured: 0.0041
@@ -183,11 +182,3 @@ def test_fsdp_gradient_accumulation_matches_ddp(tiny_project: Path, tmp_path: Pa
     assert _losses(fsdp) == pytest.approx(_losses(ddp), abs=1e-5)  # measured: 4.8e-7
     for key, loss in _holdout(ddp).items():
         assert _holdout(fsdp)[key] == pytest.approx(loss, abs=1e-5)
-
-
-def test_fsdp_refuses_what_it_cannot_shard_with_a_message() -> None:
-    with pytest.raises(NotImplementedError, match="trainable=all is not supported"):
-        check_fsdp_supported(TrainingConfig(distributed={"strategy": "fsdp"}, trainable="all"))
-    with pytest.raises(NotImplementedError, match="precision=fp16 is not supported"):
-        check_fsdp_supported(TrainingConfig(distributed={"strategy": "fsdp"}, precision="fp16"))
-    check_fsdp_supported(TrainingConfig(distributed={"strategy": "fsdp"}))

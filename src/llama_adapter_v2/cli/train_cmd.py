@@ -29,7 +29,7 @@ def train(
     cfg = load_or_exit(config, overrides)
     try:
         result = run_training(cfg, resume=resume)
-    except (TrackingUnavailableError, FileExistsError, NotImplementedError) as err:
+    except (TrackingUnavailableError, FileExistsError) as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(code=3) from None
     summary = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.final_metrics.items()))

@@ -206,6 +206,17 @@ def _training_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "training.precision", "fp16 needs a CUDA device; use fp32 or bf16 on the CPU"
     if training.distributed.backend == "nccl" and training.device == "cpu":
         yield "training.distributed.backend", "nccl needs CUDA; use gloo or auto on the CPU"
+    if training.distributed.strategy == "fsdp" and training.trainable == "all":
+        yield "training.distributed.strategy", (
+            "fsdp cannot train with trainable=all: a rank whose instruction batch has no image gives the "
+            "visual path no gradient while another rank does, and FSDP2's reduce-scatter needs the same "
+            "gradients on every rank; use ddp for this ablation"
+        )
+    if training.distributed.strategy == "fsdp" and training.precision == "fp16":
+        yield "training.distributed.strategy", (
+            "fsdp cannot train with precision=fp16 (the gradient scaler's unscale is not built for "
+            "sharded gradients); use bf16"
+        )
     if training.caption_ratio > 0 and not cfg.data.captions and cfg.data.demo is None:
         yield "training.caption_ratio", "caption batches asked for but data.captions is empty"
     if training.caption_ratio < 1 and not cfg.data.instructions and cfg.data.demo is None:

@@ -15,7 +15,7 @@ run is a single process and nothing here touches torch.distributed.
   computed once per forward by the model's root (model/adapter.py ``prompt_states``) through
   that layer's ``k_proj``/``v_proj`` and its ``prompt``, outside the layer's own forward;
   called as modules, the projections gather themselves wherever they run. Checkpoints always
-  hold whole tensors (:func:`full_tensor` gathers, :func:`shard_like` splits), so they load
+  hold whole tensors (``model/sharding.py`` gathers and splits them), so they load
   in any world size.
 """
 
@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llama_adapter_v2.config.schema import TrainingConfig
 
@@ -96,7 +95,6 @@ def wrap_for_training(module: nn.Module, ctx: DistContext, training: TrainingCon
     if not ctx.distributed:
         return module
     if training.distributed.strategy == "fsdp":
-        check_fsdp_supported(training)
         shard_model(module.model, ctx)  # type: ignore[arg-type]  # LossOf.model
         return module
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -104,22 +102,6 @@ def wrap_for_training(module: nn.Module, ctx: DistContext, training: TrainingCon
 
 
 # --------------------------------------------------------------------------- FSDP2
-
-
-def check_fsdp_supported(training: TrainingConfig) -> None:
-    """Refuse what FSDP2 cannot do here before any weight is sharded (the message says why)."""
-    if training.trainable == "all":
-        raise NotImplementedError(
-            "training.distributed.strategy=fsdp with training.trainable=all is not supported: a rank "
-            "whose instruction batch has no image gives the visual path no gradient while another rank "
-            "does, and FSDP2's reduce-scatter needs the same gradients on every rank; use ddp for "
-            "this ablation"
-        )
-    if training.precision == "fp16":
-        raise NotImplementedError(
-            "training.distributed.strategy=fsdp with precision=fp16 is not supported (the gradient "
-            "scaler's unscale is not built for sharded gradients); use bf16"
-        )
 
 
 def shard_units(model: Any) -> list[nn.Module]:
@@ -190,19 +172,3 @@ def reshard(module: nn.Module) -> None:
         if isinstance(sub, FSDPModule):
             sub.reshard()
 
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor shard (a collective: every rank must call it), else itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def shard_like(reference: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """``full`` split as ``reference`` is: this rank's shard of a DTensor parameter, else ``full``.
-
-    Every rank holds the whole tensor (read from the checkpoint), so each takes its own chunk
-    and nothing is communicated.
-    """
-    if not isinstance(reference, DTensor) or full.shape != reference.shape:
-        return full
-    local = full.to(device=reference.device)
-    return distribute_tensor(local, reference.device_mesh, reference.placements, src_data_rank=None)
