@@ -24,8 +24,7 @@ import torch
 from benchmarks import batches, measure
 from benchmarks.cases import project_config
 from benchmarks.spec import Spec, preset, with_workload
-
-GROUP_OF_TASK = {"caption": "visual", "instruction": "language"}
+from llama_adapter_v2.train.loop import GROUP_OF_TASK
 
 
 def build(spec: Spec, frozen_dtype: torch.dtype | None, steps: int) -> tuple[Any, Any, dict[str, Any]]:
