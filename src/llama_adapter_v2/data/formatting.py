@@ -68,16 +68,10 @@ def prompt_text(record: Record) -> str:
     return "".join(text for text, _ in pieces[:last_answer])
 
 
-def encode_record(record: Record, tokenizer: Tokenizer, max_tokens: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 where no loss) for one record, at most ``max_tokens`` long.
-
-    BOS (if the tokenizer has one) starts the sequence; EOS ends it and is learned. Truncation
-    cuts the tail but always keeps EOS as the last token, so the model still learns to stop.
-    """
+def encode_full(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 where no loss) of the whole record: BOS, the segments, EOS (learned)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; the response end cannot be learned")
-    if max_tokens < 2:
-        raise ValueError(f"max_tokens must be at least 2 (BOS/first token + EOS), got {max_tokens}")
     input_ids: list[int] = []
     labels: list[int] = []
     if tokenizer.bos_token_id is not None:
@@ -87,6 +81,24 @@ def encode_record(record: Record, tokenizer: Tokenizer, max_tokens: int) -> tupl
         ids = tokenizer.encode(text, add_special_tokens=False)
         input_ids.extend(ids)
         labels.extend(ids if learned else [IGNORE_INDEX] * len(ids))
-    input_ids = [*input_ids[:max_tokens - 1], tokenizer.eos_token_id]
-    labels = [*labels[:max_tokens - 1], tokenizer.eos_token_id]
-    return input_ids, labels
+    return [*input_ids, tokenizer.eos_token_id], [*labels, tokenizer.eos_token_id]
+
+
+def truncate(input_ids: list[int], labels: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    """At most ``max_tokens``, the tail cut but the final EOS kept, so the model still learns to stop."""
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2 (BOS/first token + EOS), got {max_tokens}")
+    if len(input_ids) <= max_tokens:
+        return input_ids, labels
+    return [*input_ids[: max_tokens - 1], input_ids[-1]], [*labels[: max_tokens - 1], labels[-1]]
+
+
+def encode_record(record: Record, tokenizer: Tokenizer, max_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 where no loss) for one record, at most ``max_tokens`` long.
+
+    BOS (if the tokenizer has one) starts the sequence; EOS ends it and is learned. Truncation
+    cuts the tail but always keeps EOS as the last token, so the model still learns to stop.
+    """
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens must be at least 2 (BOS/first token + EOS), got {max_tokens}")
+    return truncate(*encode_full(record, tokenizer), max_tokens)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from llama_adapter_v2.data.formatting import IGNORE_INDEX, Tokenizer, encode_record
+from llama_adapter_v2.data.formatting import IGNORE_INDEX, Tokenizer, encode_full, truncate
 from llama_adapter_v2.data.records import Kind, Record
 
 if TYPE_CHECKING:
@@ -221,12 +221,14 @@ class ShardSamples:
 
         entry = self.index.samples[position]
         record = Record.from_dict(json.loads(self._read(entry.shard, entry.json)))
-        input_ids, labels = encode_record(record, self.tokenizer, self.max_tokens)
+        full_ids, full_labels = encode_full(record, self.tokenizer)
+        input_ids, labels = truncate(full_ids, full_labels, self.max_tokens)
         image = None
         if entry.image is not None and self.image_transform is not None:
             with Image.open(io.BytesIO(self._read(entry.shard, entry.image))) as raw:
                 image = self.image_transform(raw.convert("RGB"))
-        return {"id": record.id, "input_ids": input_ids, "labels": labels, "image": image}
+        return {"id": record.id, "input_ids": input_ids, "labels": labels, "image": image,
+                "truncated": len(full_ids) > len(input_ids)}
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -253,7 +255,8 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         images = torch.stack([s["image"] if s["image"] is not None else blank for s in samples])
         has_image = torch.tensor([s["image"] is not None for s in samples])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "images": images,
-            "has_image": has_image, "ids": [s["id"] for s in samples]}
+            "has_image": has_image, "ids": [s["id"] for s in samples],
+            "truncated": sum(bool(s.get("truncated")) for s in samples)}
 
 
 class _Collator:

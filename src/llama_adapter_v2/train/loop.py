@@ -195,6 +195,7 @@ class Trainer:
         self.step_seconds = 0.0
         self.steps_run = 0
         self.tokens_seen = 0
+        self.truncation_warned: set[str] = set()
 
     def _loader_args(self, task: Task) -> dict[str, Any]:
         training = self.training
@@ -218,8 +219,10 @@ class Trainer:
         self.model.set_trainable(names)
         self.wrapped.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of micro losses, tokens]
+        truncated = 0
         for micro in range(self.training.grad_accum):
             batch = to_device(self.streams[task].next_batch(), self.ctx.device)
+            truncated += batch.get("truncated", 0)
             last = micro == self.training.grad_accum - 1
             with gradient_sync(self.wrapped, enabled=last):  # the backward too: FSDP2 reads it there
                 with self.precision.autocast():
@@ -243,7 +246,10 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"{task} loss became {mean_loss} at step {self.step + 1}")
         self.step += 1
-        metrics = {f"loss/{task}": mean_loss, "tokens": float(totals[1])}
+        samples = self.training.grad_accum * self.training.batch_size
+        metrics = {f"loss/{task}": mean_loss, "tokens": float(totals[1]),
+                   f"data/truncated_fraction/{task}": truncated / samples}
+        self._warn_truncation(task, truncated)
         for name, stat in stats.items():
             metrics[f"lr/{name}"] = stat.lr
             metrics[f"grad_norm/{name}"] = stat.grad_norm
@@ -256,6 +262,17 @@ class Trainer:
         self.history["loss"].append([self.step, task, mean_loss])
         self.history["gates"].append([self.step, gates])
         return metrics
+
+    def _warn_truncation(self, task: Task, truncated: int) -> None:
+        """Once per task: samples longer than the task's token limit lose their tail (EOS is kept)."""
+        if truncated and task not in self.truncation_warned:
+            self.truncation_warned.add(task)
+            LOG.warning(
+                "%d of %d %s samples at step %d are longer than training.max_tokens_%s=%d and lose their "
+                "tail (logged as data/truncated_fraction/%s)", truncated,
+                self.training.grad_accum * self.training.batch_size, task, self.step + 1, task,
+                self._loader_args(task)["max_tokens"], task,
+            )
 
     # ------------------------------------------------------------------ evaluation
 
