@@ -50,6 +50,7 @@ STAGE_SECTIONS = {
     "validate": ("data",),
     "shard": ("data", "model.base", "training.max_tokens_caption", "training.max_tokens_instruction"),
     "demo_base": ("data", "model.base", "training.demo_base"),
+    "demo_clip": ("data", "model.vision", "training.demo_clip"),
     "train": ("data", "model", "training", "tracking.uri", "tracking.experiment"),
     "evaluate": ("data", "model", "training", "tracking.uri", "tracking.experiment"),
 }
@@ -230,6 +231,15 @@ def demo_base_task(config_path: str, overrides: list[str], cache_key: str | None
     return {"path": str(result.path), "final_loss": result.losses[-1], "seconds": result.seconds}
 
 
+@task(name="demo-clip", **IO_RETRIES, **task_options)
+def demo_clip_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
+    from llama_adapter_v2.train.demo_clip import train_demo_clip
+
+    result = train_demo_clip(load(config_path, overrides))
+    return {"path": str(result.path), "final_loss": result.losses[-1],
+            "final_accuracy": result.accuracies[-1], "seconds": result.seconds}
+
+
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_only_transient,
       **task_options)
 def train_task(config_path: str, overrides: list[str], identity: str, cache_key: str | None
@@ -306,13 +316,16 @@ def validate_data(config_path: str, overrides: list[str] | None = None, data_has
 @flow(name="train", log_prints=True)
 def train_flow(config_path: str, overrides: list[str] | None = None, data_hash: str = UNTRACKED
                ) -> dict[str, Any]:
-    """The demo base (when the config asks for one and it is missing), then the adapter."""
+    """The demo base and CLIP tower (when the config asks for them and they are missing), then the adapter."""
     overrides = overrides or []
     cfg = load(config_path, overrides)
-    if cfg.data.demo is not None and cfg.model.base.path is not None:
-        key = stage_key("demo_base", cfg, data_hash)
-        present = (cfg.model.base.path / "config.json").is_file()
-        _cached(demo_base_task, key, present)(config_path, overrides, cache_key=key)
+    if cfg.data.demo is not None:
+        for stage, task_fn, folder in (("demo_base", demo_base_task, cfg.model.base.path),
+                                       ("demo_clip", demo_clip_task, cfg.model.vision.path)):
+            if folder is None:
+                continue
+            key = stage_key(stage, cfg, data_hash)
+            _cached(task_fn, key, (folder / "config.json").is_file())(config_path, overrides, cache_key=key)
     key = stage_key("train", cfg, data_hash)
     present = (cfg.training.output_dir / "checkpoints" / "best").is_dir()
     identity = training_identity(cfg, data_hash)

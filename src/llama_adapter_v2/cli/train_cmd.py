@@ -1,4 +1,4 @@
-"""``lav2 train``, ``lav2 demo-base`` and ``lav2 sync-metrics`` (torch and mlflow load inside)."""
+"""``lav2 train``, ``demo-base``, ``demo-clip`` and ``sync-metrics`` (torch and mlflow load inside)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ def demo_base(config: ConfigFile, overrides: Overrides = None) -> None:
     typer.echo(
         f"demo base: {result.n_texts} texts, {len(result.losses)} steps in {result.seconds:.1f}s, "
         f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {result.path}"
+    )
+
+
+def demo_clip(config: ConfigFile, overrides: Overrides = None) -> None:
+    """Train the demo's tiny CLIP tower contrastively on the training captions (writes model.vision.path)."""
+    _log_to_stderr()
+    from llama_adapter_v2.train.demo_clip import train_demo_clip
+
+    cfg = load_or_exit(config, overrides)
+    result = train_demo_clip(cfg)
+    typer.echo(
+        f"demo CLIP: {result.n_images} images, {result.n_captions} captions, {len(result.losses)} steps in "
+        f"{result.seconds:.1f}s, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, in-batch "
+        f"image->caption accuracy {result.accuracies[-1]:.2f}; saved to {result.path}"
     )
 
 

@@ -241,7 +241,19 @@ class DemoDataConfig(Strict):
     captions_per_image: PositiveInt = 5
     image_size: PositiveInt = 64
     n_instructions: PositiveInt = 1200
-    n_conversations: PositiveInt = 120
+    n_conversations: PositiveInt = 480
+    n_probe_images: PositiveInt = 100
+
+
+class GroundedSource(Strict):
+    """Questions whose answers the images fix (JSON list of {id, image, attribute, question, answer}).
+
+    Evaluation asks each question about its image and about a blank image (the blind control)
+    and scores the parsed answers; the demo generator writes such a set about new drawings.
+    """
+
+    questions: Path
+    images: Path
 
 
 class DataConfig(Strict):
@@ -252,6 +264,7 @@ class DataConfig(Strict):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     demo: DemoDataConfig | None = None
+    grounded: GroundedSource | None = None
 
 
 # --------------------------------------------------------------------------- training
@@ -290,6 +303,26 @@ class DemoBaseTraining(Strict):
     seed: int = 0
 
 
+class DemoClipTraining(Strict):
+    """The demo-only stage that trains the tiny CLIP tower contrastively on the demo's image-caption pairs.
+
+    The text tower exists only to train the vision tower (CLIP's contrastive loss); the adapter
+    uses the vision tower and its projection alone, as real runs use a pretrained CLIP.
+    """
+
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 64
+    lr: Annotated[float, Field(gt=0)] = 2e-3
+    warmup_steps: NonNegativeInt = 30
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    text_hidden_size: PositiveInt = 64
+    text_layers: PositiveInt = 2
+    text_heads: PositiveInt = 4
+    text_vocab_size: PositiveInt = 384
+    max_tokens: PositiveInt = 32
+    seed: int = 0
+
+
 class TrainingConfig(Strict):
     schedule: Literal["joint", "two_phase"] = "joint"
     trainable: Literal["disjoint", "all"] = Field(
@@ -318,6 +351,7 @@ class TrainingConfig(Strict):
     log_every_steps: PositiveInt = 10
     output_dir: Path = Path("artifacts/train")
     demo_base: DemoBaseTraining = Field(default_factory=DemoBaseTraining)
+    demo_clip: DemoClipTraining = Field(default_factory=DemoClipTraining)
 
 
 # --------------------------------------------------------------------------- tracking

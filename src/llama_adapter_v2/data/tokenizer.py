@@ -16,22 +16,29 @@ if TYPE_CHECKING:
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path | str) -> PreTrainedTokenizerBase:
-    """Train BPE on ``texts``, save it to ``out_dir`` (offline-reloadable) and return it reloaded."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: Path | str, special_tokens: dict[str, str] | None = None
+) -> PreTrainedTokenizerBase:
+    """Train BPE on ``texts``, save it to ``out_dir`` (offline-reloadable) and return it reloaded.
+
+    ``special_tokens`` (role -> token, ids in that order from 0) defaults to the Llama layout.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    specials = SPECIAL_TOKENS if special_tokens is None else special_tokens
+
+    bpe = Tokenizer(models.BPE(unk_token=specials["unk_token"]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
+        special_tokens=list(specials.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, **specials)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out)
