@@ -59,6 +59,9 @@ def demo_data_config(tmp_path_factory: pytest.TempPathFactory):
         source.path = root / source.path.relative_to(REPO)
         if source.image_root is not None:
             source.image_root = root / source.image_root.relative_to(REPO)
+    if cfg.data.grounded is not None:
+        cfg.data.grounded.questions = root / cfg.data.grounded.questions.relative_to(REPO)
+        cfg.data.grounded.images = root / cfg.data.grounded.images.relative_to(REPO)
     cfg.data.work_dir = root / "artifacts" / "data"
     generate_demo(cfg.data)
     return cfg

@@ -23,9 +23,11 @@ def test_two_runs_are_byte_identical(demo_data_config, tmp_path: Path) -> None:
     data.captions[0].images = tmp_path / "data/demo/coco/images"
     for source in data.instructions:
         source.path = tmp_path / "data/demo/instructions" / Path(source.path).name
+    data.grounded.questions = tmp_path / "data/demo/grounded/questions.json"
+    data.grounded.images = tmp_path / "data/demo/grounded/images"
     generate_demo(data)
     first, second = tree_digest(first_root / "data"), tree_digest(tmp_path / "data")
-    assert len(first) == 240 + 3
+    assert len(first) == 240 + 3 + 100 + 1  # images, three JSON files, probe images, questions
     assert first == second
 
 
@@ -42,9 +44,9 @@ def test_sizes_follow_the_config(demo_data_config) -> None:
     chats = json.loads(Path(data.instructions[1].path).read_text())
     assert len(alpaca) == 1200
     assert len({json.dumps(t, sort_keys=True) for t in alpaca}) == 1200
-    assert len(chats) == 120
+    assert len(chats) == 480
     with_image = [c for c in chats if "image" in c]
-    assert len(with_image) == 60
+    assert len(with_image) == 240
     firsts = [c["conversations"][0]["value"] for c in with_image]
     assert any(v.startswith("<image>") for v in firsts) and any(v.endswith("<image>") for v in firsts)
 
@@ -67,3 +69,28 @@ def test_captions_describe_the_drawing(demo_data_config) -> None:
         assert pixels.getpixel((0, 0)) == BACKGROUNDS[background], caption
         checked += 1
     assert checked > 60
+
+
+def test_image_conversations_are_about_training_images_only(demo_data_config) -> None:
+    from llama_adapter_v2.data.shards import split_of
+
+    data = demo_data_config.data
+    chats = json.loads(Path(data.instructions[1].path).read_text())
+    talked_about = {c["image"] for c in chats if "image" in c}
+    assert talked_about
+    assert {split_of(name, data.holdout_fraction) for name in talked_about} == {"train"}
+    coco = json.loads(Path(data.captions[0].annotations).read_text())
+    held_out = {im["file_name"] for im in coco["images"] if split_of(im["file_name"], data.holdout_fraction)
+                == "holdout"}
+    assert held_out and not talked_about & held_out
+
+
+def test_image_conversations_ask_every_grounded_question(demo_data_config) -> None:
+    chats = json.loads(Path(demo_data_config.data.instructions[1].path).read_text())
+    questions = [t["value"].replace("<image>", "").strip() for c in chats if "image" in c
+                 for t in c["conversations"] if t["from"] == "human"]
+    for wording in ("What colour is the shape", "What shape is", "Where is the", "How many shapes are there?",
+                    "What colour is the background?", "What is drawn here?"):
+        assert sum(q.startswith(wording) for q in questions) >= 20, wording
+    single = [c for c in chats if "image" in c and len(c["conversations"]) == 2]
+    assert 60 <= len(single) <= 180  # single questions train the Alpaca-template form users ask in

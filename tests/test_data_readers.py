@@ -105,7 +105,10 @@ def test_llava_image_token_at_start_or_end_is_removed_and_every_turn_kept(tmp_pa
     assert [t.role for t in first.to_record().turns] == ["user", "assistant", "user", "assistant"]
     assert first.image == str(tmp_path / "images" / "a.jpg")
     assert second.to_record().instruction == "What is it?"
-    assert text_only.image is None and text_only.to_record().template == "chat"
+    assert text_only.image is None
+    # one exchange is an instruction (Alpaca template, as inference asks a first question); more: a chat
+    assert text_only.to_record().template == second.to_record().template == "alpaca"
+    assert first.to_record().template == "chat"
     assert tokenless.problems == ["'<image>' in the first turn but no 'image' key"]
 
 

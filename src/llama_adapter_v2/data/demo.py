@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from llama_adapter_v2.config.schema import DataConfig, DemoDataConfig
+from llama_adapter_v2.data.shards import split_of
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220),
@@ -30,6 +31,8 @@ PLACES = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom
           "center": (0.5, 0.5)}
 WORDS = ("cat", "dog", "sun", "tree", "red", "blue", "book", "fish", "bird", "moon", "car", "cup",
          "hat", "box", "star", "milk", "rain", "door", "lamp", "ship")
+NUMBER_WORDS = {1: "one", 2: "two"}
+GROUNDED_ATTRIBUTES = ("colour", "shape", "place", "count", "background")
 COLOUR_FACTS = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow",
                 "a tomato": "red", "coal": "black", "an orange": "orange", "a lemon": "yellow",
                 "a leaf": "green", "milk": "white", "a plum": "purple", "the sea": "blue"}
@@ -52,6 +55,16 @@ class DrawnImage:
     shapes: tuple[Shape, ...]
 
 
+@dataclass(frozen=True)
+class GroundedQuestion:
+    """A question whose answer the drawing fixes: ``answer`` is the value, ``reply`` a sentence."""
+
+    attribute: str
+    question: str
+    answer: str
+    reply: str
+
+
 def with_articles(text: str) -> str:
     """"a orange" -> "an orange": the captions are read by people too."""
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
@@ -64,7 +77,7 @@ def where(place: str) -> str:
 # --------------------------------------------------------------------------- images and captions
 
 
-def plan_image(rng: random.Random, index: int) -> DrawnImage:
+def plan_image(rng: random.Random, index: int, prefix: str = "demo") -> DrawnImage:
     background = rng.choice(sorted(BACKGROUNDS))
     colours = [c for c in sorted(COLOURS) if c != background]
     if rng.random() < 0.5:
@@ -72,7 +85,7 @@ def plan_image(rng: random.Random, index: int) -> DrawnImage:
     else:
         first, second = rng.sample(colours, 2)
         shapes = (Shape(first, rng.choice(SHAPES), "left"), Shape(second, rng.choice(SHAPES), "right"))
-    return DrawnImage(f"demo_{index:06d}.png", background, shapes)
+    return DrawnImage(f"{prefix}_{index:06d}.png", background, shapes)
 
 
 def draw(image: DrawnImage, size: int) -> Image.Image:
@@ -176,14 +189,61 @@ def alpaca_tasks(rng: random.Random, count: int) -> list[dict[str, str]]:
     return tasks
 
 
-def _image_conversation(rng: random.Random, image: DrawnImage) -> list[dict[str, str]]:
-    question = "What is drawn here?"
-    first = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
-    answer = " and ".join(f"a {s.words()}" for s in image.shapes)
-    turns = [("human", first), ("gpt", with_articles(answer[0].upper() + answer[1:] + "."))]
-    turns += [("human", "What colour is the background?"), ("gpt", f"It is {image.background}.")]
+# --------------------------------------------------------------------------- grounded questions
+
+
+def number_word(count: int) -> str:
+    return NUMBER_WORDS[count]
+
+
+def _subject(image: DrawnImage, shape: Shape) -> str:
+    """How a question names one shape: "the shape" alone, else by its side."""
+    return "the shape" if len(image.shapes) == 1 else f"the shape {where(shape.place)}"
+
+
+def grounded_questions(rng: random.Random, image: DrawnImage) -> list[GroundedQuestion]:
+    """One question per attribute whose answer the drawing fixes, with its answer as a sentence.
+
+    With two shapes the colour and shape questions name a side, and the place question names
+    the shape by colour and kind, so every question has exactly one right answer.
+    """
     shape = rng.choice(image.shapes)
-    turns += [("human", f"Where is the {shape.words()}?"), ("gpt", f"{where(shape.place).capitalize()}.")]
+    subject = _subject(image, shape)
+    count = len(image.shapes)
+    place_question = (
+        "Where is the shape?" if count == 1 else with_articles(f"Where is the {shape.words()}?")
+    )
+    shape_question = "What shape is it?" if count == 1 else f"What shape is {where(shape.place)}?"
+    return [
+        GroundedQuestion("colour", f"What colour is {subject}?", shape.colour, f"It is {shape.colour}."),
+        GroundedQuestion("shape", shape_question, shape.kind, with_articles(f"It is a {shape.kind}.")),
+        GroundedQuestion("place", place_question, shape.place, f"{where(shape.place).capitalize()}."),
+        GroundedQuestion(
+            "count", "How many shapes are there?", str(count),
+            f"There {'is' if count == 1 else 'are'} {number_word(count)} shape{'s' if count > 1 else ''}.",
+        ),
+        GroundedQuestion("background", "What colour is the background?", image.background,
+                         f"It is {image.background}."),
+    ]
+
+
+def _what_is_drawn(image: DrawnImage) -> tuple[str, str]:
+    answer = " and ".join(f"a {s.words()}" for s in image.shapes)
+    return "What is drawn here?", with_articles(answer[0].upper() + answer[1:] + ".")
+
+
+def _image_conversation(rng: random.Random, image: DrawnImage) -> list[dict[str, str]]:
+    """One to three questions about the image (more would pass the demo's token limit); a single
+    question is read as an instruction (Alpaca template), several as a chat."""
+    exchanges = [(q.question, q.reply) for q in grounded_questions(rng, image)]
+    exchanges.append(_what_is_drawn(image))
+    rng.shuffle(exchanges)
+    exchanges = exchanges[: rng.choice((1, 1, 2, 3))]
+    turns: list[tuple[str, str]] = []
+    for position, (question, reply) in enumerate(exchanges):
+        if position == 0:
+            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+        turns += [("human", question), ("gpt", reply)]
     return [{"from": who, "value": text} for who, text in turns]
 
 
@@ -199,7 +259,10 @@ def _text_conversation(rng: random.Random) -> list[dict[str, str]]:
 
 
 def conversations(rng: random.Random, images: list[DrawnImage], count: int) -> list[dict[str, Any]]:
-    """LLaVA-format chats: even ones about a drawn image, odd ones text only; all distinct."""
+    """LLaVA-format chats: even ones about a drawn image of ``images``, odd ones text only; all distinct.
+
+    ``images`` are the training split's: no held-out image is ever talked about in training.
+    """
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
     while len(items) < count:
@@ -215,6 +278,17 @@ def conversations(rng: random.Random, images: list[DrawnImage], count: int) -> l
             seen.add(key)
             items.append(item)
     return items
+
+
+def probe_questions(rng: random.Random, images: list[DrawnImage]) -> list[dict[str, str]]:
+    """The grounded evaluation set: every attribute question about every probe drawing."""
+    rows = []
+    for image in images:
+        for question in grounded_questions(rng, image):
+            rows.append({"id": f"{Path(image.file_name).stem}:{question.attribute}", "image": image.file_name,
+                         "attribute": question.attribute, "question": question.question,
+                         "answer": question.answer})
+    return rows
 
 
 # --------------------------------------------------------------------------- writing
@@ -236,22 +310,40 @@ def demo_paths(data: DataConfig) -> tuple[Path, Path, Path, Path]:
     return data.captions[0].annotations, data.captions[0].images, by_format["alpaca"], by_format["llava"]
 
 
-def generate_demo(data: DataConfig) -> dict[str, int]:
-    """Write the demo data set where ``data`` says; returns the counts written."""
+def draw_all(images: list[DrawnImage], folder: Path, size: int, description: str) -> None:
     from rich.progress import track
 
+    if folder.exists():
+        shutil.rmtree(folder)  # generated content only: stale images must not linger
+    folder.mkdir(parents=True)
+    for image in track(images, description=description, transient=True):
+        draw(image, size).save(folder / image.file_name, format="PNG", compress_level=6)
+
+
+def generate_demo(data: DataConfig) -> dict[str, int]:
+    """Write the demo data set where ``data`` says; returns the counts written.
+
+    Image conversations are about training-split images only (the split is the shards' own
+    rule), and the grounded questions (``data.grounded``) are about probe drawings that no
+    training source holds: held-out images in the strict sense.
+    """
     cfg = data.demo or DemoDataConfig()
     annotations_path, image_dir, alpaca_path, chat_path = demo_paths(data)
     rng = random.Random(cfg.seed)
     images = [plan_image(rng, i) for i in range(cfg.n_images)]
-    if image_dir.exists():
-        shutil.rmtree(image_dir)  # generated content only: stale images must not linger
-    image_dir.mkdir(parents=True)
-    for image in track(images, description="drawing demo images", transient=True):
-        draw(image, cfg.image_size).save(image_dir / image.file_name, format="PNG", compress_level=6)
+    draw_all(images, image_dir, cfg.image_size, "drawing demo images")
     coco = coco_document(images, cfg)
     write_json(annotations_path, coco)
     write_json(alpaca_path, alpaca_tasks(rng, cfg.n_instructions))
-    write_json(chat_path, conversations(rng, images, cfg.n_conversations))
-    return {"images": len(images), "captions": len(coco["annotations"]),
-            "instructions": cfg.n_instructions, "conversations": cfg.n_conversations}
+    training_images = [im for im in images if split_of(im.file_name, data.holdout_fraction) == "train"]
+    write_json(chat_path, conversations(rng, training_images, cfg.n_conversations))
+    counts = {"images": len(images), "captions": len(coco["annotations"]),
+              "instructions": cfg.n_instructions, "conversations": cfg.n_conversations}
+    if data.grounded is not None:
+        probe_rng = random.Random(f"probe-{cfg.seed}")
+        probes = [plan_image(probe_rng, i, prefix="probe") for i in range(cfg.n_probe_images)]
+        draw_all(probes, data.grounded.images, cfg.image_size, "drawing probe images")
+        questions = probe_questions(probe_rng, probes)
+        write_json(data.grounded.questions, questions)
+        counts |= {"probe images": len(probes), "grounded questions": len(questions)}
+    return counts

@@ -259,6 +259,12 @@ def strip_image_token(text: str) -> tuple[str, bool]:
     return text, False
 
 
+def conversation_template(turns: list[tuple[Role, str | None]]) -> Template:
+    """One exchange is an instruction (Alpaca template), as inference asks a first question and as
+    the released multimodal loader formats LLaVA's first turn; longer ones use the chat template."""
+    return "alpaca" if [role for role, _ in turns] == ["user", "assistant"] else "chat"
+
+
 def read_llava(path: Path, name: str, image_root: Path | None) -> list[RawRecord]:
     """LLaVA / ShareGPT: [{id, image?, conversations: [{from, value}, ...]}], every turn kept."""
     data = load_json(path)
@@ -306,7 +312,7 @@ def _llava_record(path: Path, name: str, image_root: Path | None, index: int, it
         id=f"{name}:{index}",
         source=name,
         kind="instruction",
-        template="chat",
+        template=conversation_template(turns),
         file=str(path),
         index=index,
         turns=turns,

@@ -27,6 +27,7 @@ from llama_adapter_v2.data.formatting import alpaca_prompt, prompt_text
 from llama_adapter_v2.data.records import CAPTION_INSTRUCTION, Record
 from llama_adapter_v2.evaluate.caption_metrics import score_captions, write_per_image
 from llama_adapter_v2.evaluate.generation import GenerationSettings, Prompt, generate_texts
+from llama_adapter_v2.evaluate.grounded import evaluate_grounded
 from llama_adapter_v2.evaluate.instruction_metrics import (
     InstructionSample,
     score_instructions,
@@ -280,6 +281,8 @@ def evaluate(
     metrics |= evaluate_captions(model, tokenizer, held, options, out)
     metrics |= evaluate_instructions(model, tokenizer, held, options, out)
     metrics |= evaluate_choice_files(model, tokenizer, options.choice_files)
+    if cfg.data.grounded is not None:
+        metrics |= evaluate_grounded(model, tokenizer, cfg.data.grounded, out)
     metrics = {name: float(value) for name, value in sorted(metrics.items())}
     write_json_atomic(out / "metrics.json", metrics)
     (out / "metrics.md").write_text(metrics_table(metrics), encoding="utf-8")
