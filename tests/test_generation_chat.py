@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,46 @@ def test_choice_files_in_mmlu_layout_and_their_errors(tmp_path: Path) -> None:
         bad.write_text(f"{first}\n{line}\n", encoding="utf-8")
         with pytest.raises(ChoiceFileError, match=rf"bad.jsonl:2: .*{rule}"):
             read_choice_items(bad)
+
+
+def test_batch_requests_answer_good_lines_and_name_bad_ones(tiny: tuple[Any, Any], tmp_path: Path) -> None:
+    from llama_adapter_v2.evaluate.batch import answer_requests
+
+    model, tokenizer = tiny
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), "red").save(images / "red.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (40, 40), "blue").save(secret)
+    (images / "link.png").symlink_to(secret)
+    lines = [
+        '{"id": "a", "image": "red.png", "prompt": "Generate caption of this image"}',
+        '{"prompt": "What colour is the sky?"}',
+        '{"id": "c", "prompt": "x", "image": "missing.png"}',
+        "{not json",
+        '{"id": "e", "image": "red.png"}',
+        '{"prompt": "x", "image": "broken.png"}',
+        '{"prompt": "x", "image": "../secret.png"}',
+        '{"prompt": "x", "image": "link.png"}',
+        "",
+        '{"id": "i", "image": "red.png", "prompt": "Describe it.", "input": "context"}',
+    ]
+    requests = images / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "answers.jsonl"
+    answered, failed = answer_requests(model, tokenizer, requests, out, settings=GREEDY)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (answered, failed) == (3, 6)
+    assert [row["line"] for row in rows] == [1, 2, 3, 4, 5, 6, 7, 8, 10]  # blank line 9 is no request
+    errors = {row["line"]: row["error"] for row in rows if "error" in row}
+    assert "image_missing" in errors[3] and "bad_json" in errors[4] and "prompt_missing" in errors[5]
+    assert "image_unreadable" in errors[6]
+    assert "image_outside_root" in errors[7] and "image_outside_root" in errors[8]
+    assert all(str(requests) + ":" in message for message in errors.values())
+    assert rows[0]["id"] == "a" and rows[2]["id"] == "c" and rows[4]["id"] == "e"
+    expected = generate_texts(model, tokenizer, [
+        caption_prompt(Image.new("RGB", (40, 40), "red")), instruction_prompt("What colour is the sky?"),
+        instruction_prompt("Describe it.", "context", Image.new("RGB", (40, 40), "red")),
+    ], GREEDY)
+    assert [rows[0]["text"], rows[1]["text"], rows[-1]["text"]] == expected

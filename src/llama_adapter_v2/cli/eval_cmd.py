@@ -133,9 +133,20 @@ def _image(path: Path | None) -> Any:
 def generate(
     *,
     model: ModelSource,
-    prompt: Annotated[str, typer.Option("--prompt", help="the instruction")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="the instruction")] = None,
     image: ImagePath = None,
     context: Annotated[str, typer.Option("--input", help="input for the template's input slot")] = "",
+    requests: Annotated[
+        Path | None,
+        typer.Option("--requests", exists=True, dir_okay=False,
+                     help='JSONL of {"prompt", "image"?, "input"?, "id"?}: answered in one model load'),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="JSONL answers for --requests")] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option("--image-root", file_okay=False, help="images of --requests resolve here (default: "
+                     "the requests file's folder); paths outside it are refused"),
+    ] = None,
     expert: Experts = None,
     caption_model: CaptionModel = None,
     max_new_tokens: MaxNew = 64,
@@ -143,14 +154,27 @@ def generate(
     top_p: TopP = 1.0,
     seed: Seed = 0,
 ) -> None:
-    """Answer one instruction (about an optional image) with an adapted model."""
+    """Answer one instruction (about an optional image), or every line of --requests into --out."""
     from llama_adapter_v2.evaluate.generation import generate_texts, instruction_prompt
     from llama_adapter_v2.experts import expert_context
 
+    if (prompt is None) == (requests is None):
+        raise typer.BadParameter("give --prompt (one answer) or --requests with --out (a file of them)")
+    if requests is not None and out is None:
+        raise typer.BadParameter("--requests needs --out for the answers", param_hint="--out")
     loaded = _load(model)
+    settings = _settings(max_new_tokens, temperature, top_p, seed)
+    if requests is not None and out is not None:
+        from llama_adapter_v2.evaluate.batch import answer_requests
+
+        answered, failed = answer_requests(
+            loaded.model, loaded.tokenizer, requests, out, settings=settings, image_root=image_root
+        )
+        typer.echo(f"{answered} answered, {failed} with an error line; written to {out}")
+        return
+    assert prompt is not None
     picture = _image(image)
     slot = expert_context(_experts(expert, caption_model), picture, context)
-    settings = _settings(max_new_tokens, temperature, top_p, seed)
     request = instruction_prompt(prompt, slot, picture)
     [text] = generate_texts(loaded.model, loaded.tokenizer, [request], settings)
     typer.echo(text)
