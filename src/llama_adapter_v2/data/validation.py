@@ -44,6 +44,7 @@ IMAGE_RULES: dict[str, str] = {
     "corrupt": "image decodes and converts to RGB",
 }
 IMAGE_OK = "ok"
+IMAGE_DETAIL_CHARS = 1000  # room for the three paths of an escape (name, where it leads, the root)
 
 
 class ValidationStoppedError(RuntimeError):
@@ -304,14 +305,14 @@ def failures_of(result: dict[str, Any], rows: list[dict[str, Any]] | None = None
         column = config["kwargs"]["column"]
         for hit in outcome["result"].get("unexpected_index_list") or []:
             row = int(hit["row"])
-            value = hit.get(column)
+            value = _short(hit.get(column))
             if column == "image_status" and rows is not None and rows[row].get("image_detail"):
-                value = f"{value}: {rows[row]['image_detail']}"
-            failures.append({"row": row, "id": hit["id"], "rule": rule, "value": _short(value)})
+                value = _short(f"{value}: {rows[row]['image_detail']}", IMAGE_DETAIL_CHARS)
+            failures.append({"row": row, "id": hit["id"], "rule": rule, "value": value})
     return sorted(failures, key=lambda failure: failure["row"])
 
 
-def _short(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > 80:
-        return value[:77] + "..."
+def _short(value: Any, limit: int = 80) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return value[: limit - 3] + "..."
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)
