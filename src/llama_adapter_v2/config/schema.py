@@ -369,6 +369,27 @@ class TrackingConfig(Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
+# --------------------------------------------------------------------------- serving
+
+
+class ServingConfig(Strict):
+    """What the served model (the registered pyfunc) accepts from a request."""
+
+    image_roots: list[Path] | None = Field(
+        default=None,
+        description="folders a request's server-side image path must resolve inside (symlinks "
+        "followed); None: the data sources' image folders (data.captions[].images, "
+        "data.instructions[].image_root); []: no paths, base64 images only",
+    )
+
+    def allowed_image_roots(self, data: DataConfig) -> list[Path]:
+        if self.image_roots is not None:
+            return list(self.image_roots)
+        roots = [source.images for source in data.captions]
+        roots += [source.image_root for source in data.instructions if source.image_root is not None]
+        return list(dict.fromkeys(roots))
+
+
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -396,4 +417,5 @@ class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
