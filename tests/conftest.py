@@ -14,6 +14,7 @@ from pathlib import Path
 
 import network_guard
 import pytest
+from hypothesis import settings
 
 import llama_adapter_v2  # noqa: F401 - applies offline.env before any heavy import
 
@@ -24,6 +25,12 @@ REQUIRE_ALL_TESTS = "LAV2_REQUIRE_ALL_TESTS"
 
 
 network_guard.install()
+
+# Property-based tests: the same cases on every CI run (derandomized, no example database); locally
+# random, so each run may find something new. No deadline: the machine is shared and GX is slow.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") or os.environ.get(REQUIRE_ALL_TESTS) == "1" else "dev")
 
 
 def require_or_skip(condition: bool, reason: str) -> None:
