@@ -39,14 +39,19 @@ def limits(*roots: Path) -> ImageLimits:
     return ImageLimits.from_validation(ValidationConfig(), roots=roots)
 
 
-def test_a_path_inside_the_root_is_read_absolute_or_relative(folders: dict[str, Path]) -> None:
-    for value in (str(folders["root"] / "inside.png"), "inside.png"):
+def test_a_path_inside_the_root_is_read_absolute_or_relative(folders: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(folders["root"].parent)
+    for value in (str(folders["root"] / "inside.png"), "inside.png", "served/inside.png"):
         assert decode_image(value, limits(folders["root"])).size == (16, 16)
 
 
 @pytest.mark.parametrize("value", ["../outside/secret.png", "{outside}/secret.png", "link.png",
-                                   "{root}/../outside/secret.png", "/etc/passwd", "nowhere.png"])
-def test_paths_leading_outside_are_refused_like_missing_ones(folders: dict[str, Path], value: str) -> None:
+                                   "{root}/../outside/secret.png", "/etc/passwd", "nowhere.png",
+                                   "outside/secret.png"])
+def test_paths_leading_outside_are_refused_like_missing_ones(folders: dict[str, Path], value: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(folders["root"].parent)  # outside/secret.png exists from here, outside the root
     value = value.format(root=folders["root"], outside=folders["outside"])
     with pytest.raises(RequestError, match=NOT_A_PATH):
         decode_image(value, limits(folders["root"]))

@@ -6,7 +6,8 @@ an HTTP 400 with that message instead of a 500 with a stack trace.
 An image may be base64 or a path on the server. A path is read only when it resolves, symlinks
 followed, inside one of the allowed folders (``serving.image_roots``; by default the data
 sources' image folders): a request must not make the server read ``/etc/passwd`` or the model's
-own files. A relative path is taken relative to each allowed folder in turn. A path outside gets
+own files. A relative path is taken from the server's current folder, then from each allowed
+folder; either way it must end inside one. A path outside gets
 the same answer as a path that does not exist, so requests cannot probe the server's files.
 """
 
@@ -59,12 +60,13 @@ def _server_file(value: str, roots: tuple[Path, ...]) -> Path | None:
     if len(value) >= 4096 or value.startswith(DATA_URL_PREFIX) or not usable_path_text(value):
         return None
     for root in roots:
-        try:
-            resolved = resolve_inside(root, value)
-        except (OutsideRootError, ValueError):
-            continue
-        if os.path.isfile(resolved):  # False, not an error, for names too long for the file system
-            return resolved
+        for candidate in (os.path.abspath(value), value):  # from the server's folder, or from the root
+            try:
+                resolved = resolve_inside(root, candidate)
+            except (OutsideRootError, ValueError):
+                continue
+            if os.path.isfile(resolved):  # False, not an error, for names too long for the file system
+                return resolved
     return None
 
 
