@@ -20,9 +20,24 @@ from llama_adapter_v2.config import Config
 from llama_adapter_v2.config.schema import CaptionSource, InstructionSource, ValidationConfig
 from llama_adapter_v2.data import pipeline
 from llama_adapter_v2.data.readers import read_alpaca, read_coco, read_llava, read_self_instruct
-from llama_adapter_v2.data.validation import TokenCounter, ValidationStoppedError, inspect_image
+from llama_adapter_v2.data.validation import (
+    IMAGE_OK,
+    IMAGE_RULES,
+    SUITES,
+    TokenCounter,
+    ValidationStoppedError,
+    failures_of,
+    inspect_image,
+    run_suite,
+)
 
 LIMITS = ValidationConfig(caption_max_chars=1000, image_min_side=8, max_tokens=300)
+PARAMETERS = {"image_min_side": 8, "image_max_side": 8192, "caption_min_chars": 1, "caption_max_chars": 1000,
+              "max_tokens": 300}
+# an instruction row that breaks no rule
+EMPTY_INSTRUCTION_ROW = {"row": 0, "id": "x:0", "structure": None, "instruction": "Do.",
+                         "shortest_output": "Done.", "valid_utf8": True, "control_characters": None,
+                         "tokens": 5, "duplicate_of": None, "image_status": "ok", "image_detail": None}
 
 
 def png_bytes(mode: str, size: tuple[int, int] = (32, 24), colour: Any = None) -> bytes:
@@ -327,3 +342,23 @@ def test_real_data_validation_counts(real_data: Path, demo_data_config: Config) 
     absent = [(f["rule"], f["value"]) for f in outcome["failures"] if f["id"].startswith("llava")]
     assert absent == [(MISSING, "missing file")] * 20
     assert len(outcome["clean"]) == 5595 - 23
+
+
+# --------------------------------------------------------------------------- image rules
+
+
+@pytest.mark.parametrize("suite", ["captions", "instructions"])
+def test_every_image_status_has_its_rule_in_the_suite(suite: str) -> None:
+    expectations = json.loads((SUITES / f"{suite}.json").read_text())["expectations"]
+    on_status = {tuple(e["kwargs"]["value_set"]): e["meta"]["rule"] for e in expectations
+                 if e["kwargs"]["column"] == "image_status" and e["type"].endswith("not_be_in_set")}
+    assert on_status == {(status,): rule for status, rule in IMAGE_RULES.items()}
+    in_set = "expect_column_values_to_be_in_set"
+    [known] = [e for e in expectations if e["kwargs"]["column"] == "image_status" and e["type"] == in_set]
+    assert set(known["kwargs"]["value_set"]) == {IMAGE_OK, *IMAGE_RULES}
+
+
+def test_an_image_status_no_rule_names_is_still_quarantined() -> None:
+    rows = [{**EMPTY_INSTRUCTION_ROW, "image_status": "a status added without a rule"}]
+    failures = failures_of(run_suite("instructions", rows, PARAMETERS), rows)
+    assert [(f["id"], f["rule"]) for f in failures] == [("x:0", "image status known")]
