@@ -26,6 +26,7 @@ from llama_adapter_v2.data.validation import (
     SUITES,
     TokenCounter,
     ValidationStoppedError,
+    check_image,
     failures_of,
     inspect_image,
     run_suite,
@@ -362,3 +363,12 @@ def test_an_image_status_no_rule_names_is_still_quarantined() -> None:
     rows = [{**EMPTY_INSTRUCTION_ROW, "image_status": "a status added without a rule"}]
     failures = failures_of(run_suite("instructions", rows, PARAMETERS), rows)
     assert [(f["id"], f["rule"]) for f in failures] == [("x:0", "image status known")]
+
+
+def test_an_image_without_a_usable_root_counts_as_outside(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes("RGB"))
+    assert check_image(str(tmp_path / "a.png"), str(tmp_path), 10**8).status == IMAGE_OK
+    for root in (None, "bad\x00root"):
+        check = check_image(str(tmp_path / "a.png"), root, 10**8)
+        assert check is not None and check.status == "outside root"
+    assert check_image("a\x00.png", str(tmp_path), 10**8) is None  # the control-character rule names it

@@ -99,10 +99,10 @@ def inspect_image(path: str | Path, max_pixels: int) -> ImageCheck:
 def check_image(image: str, root: str | None, max_pixels: int) -> ImageCheck | None:
     """The image of a record, opened only if it resolves inside ``root``; None when the path text
     itself is unusable (a NUL byte, a lone surrogate: the text rules quarantine those)."""
-    if not usable_path_text(image) or (root is not None and not usable_path_text(root)):
+    if not usable_path_text(image):
         return None
-    if root is None:
-        return ImageCheck("outside root", detail=f"{image}: its source has no root to lie in")
+    if root is None or not usable_path_text(root):
+        return ImageCheck("outside root", detail=f"{image}: its source has no usable root to lie in")
     try:
         resolved = resolve_inside(root, image)
     except OutsideRootError as err:
