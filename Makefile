@@ -40,10 +40,10 @@ demo: $(STAMP)
 	$(BIN)/lav2 pipeline configs/demo.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests flows benchmarks
+	$(BIN)/ruff check src tests flows benchmarks fuzz
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests flows benchmarks
+	$(BIN)/ruff check src tests flows benchmarks fuzz
 	$(BIN)/pytest
 
 # LitGPT pins a huggingface-hub that breaks transformers 5.x: it gets its own venv, torch pinned first

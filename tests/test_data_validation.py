@@ -20,9 +20,25 @@ from llama_adapter_v2.config import Config
 from llama_adapter_v2.config.schema import CaptionSource, InstructionSource, ValidationConfig
 from llama_adapter_v2.data import pipeline
 from llama_adapter_v2.data.readers import read_alpaca, read_coco, read_llava, read_self_instruct
-from llama_adapter_v2.data.validation import TokenCounter, ValidationStoppedError, inspect_image
+from llama_adapter_v2.data.validation import (
+    IMAGE_OK,
+    IMAGE_RULES,
+    SUITES,
+    TokenCounter,
+    ValidationStoppedError,
+    check_image,
+    failures_of,
+    inspect_image,
+    run_suite,
+)
 
 LIMITS = ValidationConfig(caption_max_chars=1000, image_min_side=8, max_tokens=300)
+PARAMETERS = {"image_min_side": 8, "image_max_side": 8192, "caption_min_chars": 1, "caption_max_chars": 1000,
+              "max_tokens": 300}
+# an instruction row that breaks no rule
+EMPTY_INSTRUCTION_ROW = {"row": 0, "id": "x:0", "structure": None, "instruction": "Do.",
+                         "shortest_output": "Done.", "valid_utf8": True, "control_characters": None,
+                         "tokens": 5, "duplicate_of": None, "image_status": "ok", "image_detail": None}
 
 
 def png_bytes(mode: str, size: tuple[int, int] = (32, 24), colour: Any = None) -> bytes:
@@ -95,35 +111,38 @@ def image_rule(outcome: dict[str, Any], name: str) -> set[str]:
     return rules_of(outcome, list(IMAGES).index(name) + 1)
 
 
-DECODES = "image file decodes and converts to RGB"
+MISSING = "image file exists"
 
 
 def test_truncated_jpeg_is_quarantined(caption_outcome: dict[str, Any], tmp_path: Path) -> None:
-    assert image_rule(caption_outcome, "truncated.jpg") == {DECODES}
+    assert image_rule(caption_outcome, "truncated.jpg") == {"image file complete"}
     (tmp_path / "t.jpg").write_bytes(IMAGES["truncated.jpg"])
-    assert inspect_image(tmp_path / "t.jpg", 10**8).status == "truncated or corrupt: Truncated File Read"
+    check = inspect_image(tmp_path / "t.jpg", 10**8)
+    assert (check.status, check.detail) == ("truncated", "Truncated File Read")
 
 
 def test_text_file_named_jpg_is_not_an_image(caption_outcome: dict[str, Any], tmp_path: Path) -> None:
-    assert image_rule(caption_outcome, "text.jpg") == {DECODES}
+    assert image_rule(caption_outcome, "text.jpg") == {"image file is an image"}
     (tmp_path / "t.jpg").write_bytes(IMAGES["text.jpg"])
     assert inspect_image(tmp_path / "t.jpg", 10**8).status == "not an image"
 
 
 def test_zero_byte_file_is_empty(caption_outcome: dict[str, Any], tmp_path: Path) -> None:
-    assert image_rule(caption_outcome, "empty.jpg") == {DECODES}
+    assert image_rule(caption_outcome, "empty.jpg") == {"image file not empty"}
     (tmp_path / "e.jpg").write_bytes(b"")
     assert inspect_image(tmp_path / "e.jpg", 10**8).status == "empty file"
 
 
 def test_decompression_bomb_header_is_refused_before_decoding(caption_outcome: dict[str, Any],
                                                               tmp_path: Path) -> None:
-    assert image_rule(caption_outcome, "bomb.png") == {DECODES}
+    assert image_rule(caption_outcome, "bomb.png") == {"image within the pixel limit"}
     (tmp_path / "b.png").write_bytes(IMAGES["bomb.png"])
-    assert "decompression bomb guard" in inspect_image(tmp_path / "b.png", 40_000_000).status
+    assert inspect_image(tmp_path / "b.png", 40_000_000).status == "over pixel limit"
     small_bomb = tmp_path / "s.png"
     small_bomb.write_bytes(bomb_png(8000, 6000))  # under PIL's own limit, over the configured one
-    assert inspect_image(small_bomb, 40_000_000).status == "decompression bomb guard: header says 8000x6000"
+    check = inspect_image(small_bomb, 40_000_000)
+    assert (check.status, check.detail) == (
+        "over pixel limit", "header says 8000x6000, above data.validation.max_image_pixels=40000000")
 
 
 @pytest.mark.parametrize("name, mode", [("cmyk.jpg", "CMYK"), ("palette.png", "P"), ("rgba.png", "RGBA"),
@@ -144,7 +163,7 @@ def test_image_below_the_minimum_side_is_out_of_bounds(caption_outcome: dict[str
 
 
 def test_missing_image_file_is_reported_as_missing(caption_outcome: dict[str, Any]) -> None:
-    assert rules_of(caption_outcome, 106) == {DECODES}
+    assert rules_of(caption_outcome, 106) == {MISSING}
     values = [f["value"] for f in caption_outcome["outcome"]["failures"] if f["id"] == "bad:106"]
     assert values == ["missing file"]
 
@@ -214,7 +233,7 @@ def test_instruction_rules(tmp_path: Path, demo_data_config: Config) -> None:
         "a:5": {"required fields present"},
         "a:6": {"token length within limit"},
         "a:7": {"valid UTF-8"},
-        "c:0": {DECODES},
+        "c:0": {MISSING},
     }
     assert [r.id for r in outcome["clean"]] == ["a:0", "a:8"]
     assert [f["value"] for f in outcome["failures"] if f["id"] == "c:0"] == ["missing file"]
@@ -266,7 +285,9 @@ def test_stage_writes_clean_quarantine_and_reports(demo_data_config: Config, tmp
     assert "a:19" in report and "output not empty" in report
     assert "expect_column_values_to_match_regex" in report
     metrics = json.loads(paths.validation_metrics.read_text())
-    assert metrics["instruction"] == {"input": 20, "clean": 19, "quarantined": 1, "failure_fraction": 0.05}
+    assert metrics["instruction"] == {"input": 20, "clean": 19, "quarantined": 1, "failure_fraction": 0.05,
+                                      "duplicates": 0, "by_rule": {"output not empty": 1}}
+    assert pipeline.tracking_metrics(metrics)["data_instruction_rule_output_not_empty"] == 1.0
 
 
 def test_stage_stops_above_the_failure_fraction(demo_data_config: Config, tmp_path: Path) -> None:
@@ -320,5 +341,34 @@ def test_real_data_validation_counts(real_data: Path, demo_data_config: Config) 
         ("en:169", "not an exact duplicate", "alpaca5k:2461"),  # the same record is in both files
     ]
     absent = [(f["rule"], f["value"]) for f in outcome["failures"] if f["id"].startswith("llava")]
-    assert absent == [(DECODES, "missing file")] * 20
+    assert absent == [(MISSING, "missing file")] * 20
     assert len(outcome["clean"]) == 5595 - 23
+
+
+# --------------------------------------------------------------------------- image rules
+
+
+@pytest.mark.parametrize("suite", ["captions", "instructions"])
+def test_every_image_status_has_its_rule_in_the_suite(suite: str) -> None:
+    expectations = json.loads((SUITES / f"{suite}.json").read_text())["expectations"]
+    on_status = {tuple(e["kwargs"]["value_set"]): e["meta"]["rule"] for e in expectations
+                 if e["kwargs"]["column"] == "image_status" and e["type"].endswith("not_be_in_set")}
+    assert on_status == {(status,): rule for status, rule in IMAGE_RULES.items()}
+    in_set = "expect_column_values_to_be_in_set"
+    [known] = [e for e in expectations if e["kwargs"]["column"] == "image_status" and e["type"] == in_set]
+    assert set(known["kwargs"]["value_set"]) == {IMAGE_OK, *IMAGE_RULES}
+
+
+def test_an_image_status_no_rule_names_is_still_quarantined() -> None:
+    rows = [{**EMPTY_INSTRUCTION_ROW, "image_status": "a status added without a rule"}]
+    failures = failures_of(run_suite("instructions", rows, PARAMETERS), rows)
+    assert [(f["id"], f["rule"]) for f in failures] == [("x:0", "image status known")]
+
+
+def test_an_image_without_a_usable_root_counts_as_outside(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes("RGB"))
+    assert check_image(str(tmp_path / "a.png"), str(tmp_path), 10**8).status == IMAGE_OK
+    for root in (None, "bad\x00root"):
+        check = check_image(str(tmp_path / "a.png"), root, 10**8)
+        assert check is not None and check.status == "outside root"
+    assert check_image("a\x00.png", str(tmp_path), 10**8) is None  # the control-character rule names it

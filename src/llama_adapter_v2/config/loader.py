@@ -105,9 +105,11 @@ def _resolve_paths(model: BaseModel, root: Path) -> None:
         elif isinstance(value, BaseModel):
             _resolve_paths(value, root)
         elif isinstance(value, list):
-            for item in value:
+            for position, item in enumerate(value):
                 if isinstance(item, BaseModel):
                     _resolve_paths(item, root)
+                elif isinstance(item, Path) and not item.is_absolute():
+                    value[position] = root / item
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

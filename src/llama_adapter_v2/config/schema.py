@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -168,13 +168,42 @@ class AdapterConfig(Strict):
         return n_layers - 2 if self.prompt_layers is None else self.prompt_layers
 
 
+OcrEngine = Literal["rapidocr", "tesseract"]
+RAPIDOCR_LANGUAGES = ("eng", "chi_sim")  # what the PP-OCR model in RapidOCR's wheel reads
+
+
 class ExpertConfig(Strict):
     """An image-to-text model whose output enters the template's input slot."""
 
     kind: Literal["caption", "ocr"]
     optional: bool = False
     model: str | None = Field(default=None, description="caption: folder or models:/name@alias")
-    language: str = "eng"
+    engine: OcrEngine | None = Field(
+        default=None,
+        description="ocr only; None means rapidocr (its models ship in the wheel: nothing to install); "
+        "tesseract needs the tesseract binary and its language data",
+    )
+    language: str = Field(default="eng", description="ocr: a Tesseract language code, e.g. eng, deu")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_for_ocr(cls, engine: OcrEngine | None, info: ValidationInfo) -> OcrEngine | None:
+        if engine is not None and info.data.get("kind") != "ocr":
+            raise ValueError("an engine is chosen for ocr experts only")
+        return engine
+
+    @field_validator("language")
+    @classmethod
+    def _language_the_engine_reads(cls, language: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "ocr" and (info.data.get("engine") or "rapidocr") == "rapidocr" \
+                and language not in RAPIDOCR_LANGUAGES:
+            raise ValueError(f"the rapidocr engine reads {list(RAPIDOCR_LANGUAGES)}; "
+                             f"for {language!r} choose engine: tesseract")
+        return language
+
+    @property
+    def ocr_engine(self) -> OcrEngine:
+        return self.engine or "rapidocr"
 
 
 class ModelConfig(Strict):
@@ -374,6 +403,27 @@ class TrackingConfig(Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
+# --------------------------------------------------------------------------- serving
+
+
+class ServingConfig(Strict):
+    """What the served model (the registered pyfunc) accepts from a request."""
+
+    image_roots: list[Path] | None = Field(
+        default=None,
+        description="folders a request's server-side image path must resolve inside (symlinks "
+        "followed); None: the data sources' image folders (data.captions[].images, "
+        "data.instructions[].image_root); []: no paths, base64 images only",
+    )
+
+    def allowed_image_roots(self, data: DataConfig) -> list[Path]:
+        if self.image_roots is not None:
+            return list(self.image_roots)
+        roots = [source.images for source in data.captions]
+        roots += [source.image_root for source in data.instructions if source.image_root is not None]
+        return list(dict.fromkeys(roots))
+
+
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -401,4 +451,5 @@ class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)

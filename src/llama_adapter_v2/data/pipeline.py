@@ -5,24 +5,30 @@ validate runs the GX suites, writes the clean records, the quarantine and the re
 shard    splits the clean records into train/holdout webdataset shards.
 Paths inside the written files are relative to the project root, so outputs do not depend on
 where the clone lives.
+
+Nothing goes unreported: every input record ends clean or quarantined (counted, and checked:
+``RecordCountError``), and what is not a record at all is listed by id in the summary, the HTML
+report and the metrics: listed images no caption uses, captions whose image is not listed (also
+quarantined), and exact duplicates (also quarantined, the first copy kept).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.data.readers import RawRecord, read_coco, read_instructions
+from llama_adapter_v2.data.readers import RawRecord, read_coco_listing, read_instructions
 from llama_adapter_v2.data.records import Kind, Record
 
 KINDS: tuple[Kind, ...] = ("caption", "instruction")
 SUITE_OF: dict[Kind, str] = {"caption": "captions", "instruction": "instructions"}
+ORPHAN_RULE = "annotation points at a listed image"
+DUPLICATE_RULE = "not an exact duplicate"
 
 
 class DataPaths:
@@ -31,6 +37,7 @@ class DataPaths:
     def __init__(self, work_dir: Path):
         self.work_dir = Path(work_dir)
         self.prepared = self.work_dir / "prepared"
+        self.images_without_captions = self.prepared / "images-without-captions.json"
         self.validated = self.work_dir / "validated"
         self.quarantine = self.work_dir / "quarantine"
         self.reports = self.work_dir / "reports"
@@ -55,9 +62,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _relative(path: str | None, root: Path) -> str | None:
-    if path is None or not Path(path).is_absolute():
+    """``path`` relative to the project root when it lies under it, by its text alone: nothing is
+    resolved (data paths are checked against their own roots, at validation), and ``..`` is kept."""
+    if path is None or not PurePath(path).is_absolute():
         return path
-    return os.path.relpath(path, root) if Path(path).resolve().is_relative_to(root.resolve()) else path
+    try:
+        return str(PurePath(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def _rooted(path: str | None, root: Path) -> str | None:
+    return str(root / path) if path is not None and not PurePath(path).is_absolute() else path
 
 
 def raw_from_dict(data: dict[str, Any]) -> RawRecord:
@@ -65,9 +81,8 @@ def raw_from_dict(data: dict[str, Any]) -> RawRecord:
 
 
 def rooted(raw: RawRecord, root: Path) -> RawRecord:
-    """The record with its image path made absolute again against the project root."""
-    if raw.image is not None and not Path(raw.image).is_absolute():
-        raw.image = str(root / raw.image)
+    """The record with its image path and image root made absolute again against the project root."""
+    raw.image, raw.image_root = _rooted(raw.image, root), _rooted(raw.image_root, root)
     return raw
 
 
@@ -75,17 +90,22 @@ def rooted(raw: RawRecord, root: Path) -> RawRecord:
 
 
 def prepare(cfg: Config, root: Path) -> dict[str, int]:
-    """Read all sources; write ``prepared/{captions,instructions}.jsonl``. Unreadable files raise."""
+    """Read all sources; write ``prepared/{captions,instructions}.jsonl`` and the ids of listed
+    images without captions (``prepared/images-without-captions.json``). Unreadable files raise."""
     paths = DataPaths(cfg.data.work_dir)
+    listings = [(source.name, read_coco_listing(source)) for source in cfg.data.captions]
     raws: dict[Kind, list[RawRecord]] = {
-        "caption": [r for source in cfg.data.captions for r in read_coco(source)],
+        "caption": [r for _, listing in listings for r in listing.records],
         "instruction": [r for source in cfg.data.instructions for r in read_instructions(source)],
     }
     for kind, records in raws.items():
         for raw in records:
-            raw.image = _relative(raw.image, root)
+            raw.image, raw.image_root = _relative(raw.image, root), _relative(raw.image_root, root)
             raw.file = _relative(raw.file, root) or raw.file
         write_jsonl(paths.jsonl(paths.prepared, kind), [asdict(r) for r in records])
+    uncaptioned = [f"{name}:{image_id}" for name, listing in listings
+                   for image_id in listing.images_without_captions]
+    paths.images_without_captions.write_text(json.dumps(uncaptioned, indent=1) + "\n", encoding="utf-8")
     return {kind: len(records) for kind, records in raws.items()}
 
 
@@ -110,7 +130,7 @@ def validate_kind(kind: Kind, raws: list[RawRecord], cfg: Config, counter: Any) 
     limits = cfg.data.validation
     rows = caption_rows(raws, limits) if kind == "caption" else instruction_rows(raws, limits, counter)
     result = run_suite(SUITE_OF[kind], rows, suite_parameters(cfg))
-    failures = failures_of(result)
+    failures = failures_of(result, rows)
     rules_by_row: dict[int, list[dict[str, Any]]] = {}
     for failure in failures:
         broken = {"rule": failure["rule"], "value": failure["value"]}
@@ -145,16 +165,17 @@ def validate(cfg: Config, root: Path) -> dict[str, Any]:
         clean = [replace(r, image=_relative(r.image, root)).to_dict() for r in outcome["clean"]]
         write_jsonl(paths.jsonl(paths.validated, kind), clean)
         for entry in outcome["quarantine"]:
-            entry["record"]["image"] = _relative(entry["record"]["image"], root)
+            record = entry["record"]
+            record["image"], record["image_root"] = _relative(record["image"], root), _relative(
+                record["image_root"], root)
         write_jsonl(paths.jsonl(paths.quarantine, kind), outcome["quarantine"])
         summary[kind] = kind_summary(len(raws), outcome)
+    summary["caption"]["images_without_captions"] = listed(_read_json_list(paths.images_without_captions))
     paths.reports.mkdir(parents=True, exist_ok=True)
     summary_path = paths.reports / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (paths.reports / "report.html").write_text(render_report(summary, outcomes), encoding="utf-8")
-    metrics = {kind: {k: summary[kind][k] for k in ("input", "clean", "quarantined", "failure_fraction")}
-               for kind in KINDS}
-    metrics_text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    metrics_text = json.dumps(validation_metrics(summary), indent=2, sort_keys=True) + "\n"
     paths.validation_metrics.write_text(metrics_text, encoding="utf-8")
     for kind in KINDS:
         counts = summary[kind]
@@ -171,16 +192,67 @@ def validate(cfg: Config, root: Path) -> dict[str, Any]:
     return summary
 
 
+def _read_json_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (run the earlier data stage first)")
+    return list(json.loads(path.read_text(encoding="utf-8")))
+
+
+def listed(ids: list[Any]) -> dict[str, Any]:
+    """What the report lists by id: the count and the ids."""
+    return {"count": len(ids), "ids": ids}
+
+
 def kind_summary(total: int, outcome: dict[str, Any]) -> dict[str, Any]:
+    """Counts, failures by rule, and the lists by id; raises ``RecordCountError`` if a record is lost."""
+    from llama_adapter_v2.data.validation import RecordCountError
+
     clean, quarantined = len(outcome["clean"]), len(outcome["quarantine"])
     if clean + quarantined != total:
-        raise AssertionError(f"lost records: {total} in, {clean} clean + {quarantined} quarantined")
+        raise RecordCountError(f"lost records: {total} in, {clean} clean + {quarantined} quarantined")
+    failures = outcome["failures"]
     return {
         "input": total, "clean": clean, "quarantined": quarantined,
         "failure_fraction": round(quarantined / total, 6) if total else 0.0,
-        "by_rule": dict(sorted(Counter(f["rule"] for f in outcome["failures"]).items())),
-        "failures": [{"id": f["id"], "rule": f["rule"], "value": f["value"]} for f in outcome["failures"]],
+        "by_rule": dict(sorted(Counter(f["rule"] for f in failures).items())),
+        "failures": [{"id": f["id"], "rule": f["rule"], "value": f["value"]} for f in failures],
+        "orphan_captions": listed([f["id"] for f in failures if f["rule"] == ORPHAN_RULE]),
+        "duplicates": listed([{"id": f["id"], "duplicate_of": f["value"]}
+                              for f in failures if f["rule"] == DUPLICATE_RULE]),
     }
+
+
+LISTS: dict[Kind, tuple[str, ...]] = {
+    "caption": ("images_without_captions", "orphan_captions", "duplicates"),
+    "instruction": ("duplicates",),
+}
+
+
+def validation_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """``validation-metrics.json`` (DVC metrics): per kind the counts, the listed counts and failures
+    by rule; ``tracking_metrics`` flattens it for MLflow."""
+    metrics = {}
+    for kind in KINDS:
+        counts = summary[kind]
+        metrics[kind] = {key: counts[key] for key in ("input", "clean", "quarantined", "failure_fraction")}
+        metrics[kind] |= {key: counts[key]["count"] for key in LISTS[kind]}
+        metrics[kind]["by_rule"] = counts["by_rule"]
+    return metrics
+
+
+def tracking_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``validation-metrics.json`` as flat MLflow metric names, e.g. ``data_caption_orphan_captions``
+    and ``data_instruction_rule_not_an_exact_duplicate``."""
+    flat: dict[str, float] = {}
+    for kind, counts in metrics.items():
+        for key, value in counts.items():
+            if key == "by_rule":
+                for rule, count in value.items():
+                    name = "".join(ch if ch.isalnum() else "_" for ch in rule.lower())
+                    flat[f"data_{kind}_rule_{name}"] = float(count)
+            else:
+                flat[f"data_{kind}_{key}"] = float(value)
+    return flat
 
 
 def render_report(summary: dict[str, Any], outcomes: dict[Kind, dict[str, Any]]) -> str:
@@ -194,6 +266,12 @@ def render_report(summary: dict[str, Any], outcomes: dict[Kind, dict[str, Any]])
         counts = summary[kind]
         parts.append(f"<h2>{kind}: {counts['input']} in, {counts['clean']} clean, "
                      f"{counts['quarantined']} quarantined</h2>")
+        for key in LISTS[kind]:
+            entries = counts[key]["ids"]
+            shown = [e if isinstance(e, str) else f"{e['id']} (duplicate of {e['duplicate_of']})"
+                     for e in entries]
+            parts.append(f"<h3>{esc(key.replace('_', ' '))}: {len(entries)}</h3><p>"
+                         + (", ".join(esc(str(item)) for item in shown) or "none") + "</p>")
         if outcome["gx"] is None:
             continue
         parts.append("<table><tr><th>rule</th><th>expectation</th><th>column</th><th>ok</th>"

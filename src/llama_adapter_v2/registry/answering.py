@@ -50,7 +50,7 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
         load_adapter(self.model, context.artifacts["adapter"])
         self.model.eval()
         self.tokenizer = load_tokenizer(self.cfg)
-        self.limits = ImageLimits.from_validation(self.cfg.data.validation)
+        self.limits = ImageLimits.for_config(self.cfg)
 
     def _answer(self, image: Any, instruction: str, history: list[tuple[str, str]], max_new: int) -> str:
         from llama_adapter_v2.evaluate.chat import ContextTooLongError, answer

@@ -2,6 +2,13 @@
 
 Every failure is a ``RequestError`` naming the field and the rule, so the pyfunc can turn it into
 an HTTP 400 with that message instead of a 500 with a stack trace.
+
+An image may be base64 or a path on the server. A path is read only when it resolves, symlinks
+followed, inside one of the allowed folders (``serving.image_roots``; by default the data
+sources' image folders): a request must not make the server read ``/etc/passwd`` or the model's
+own files. A relative path is taken from the server's current folder, then from each allowed
+folder; either way it must end inside one. A path outside gets
+the same answer as a path that does not exist, so requests cannot probe the server's files.
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ import binascii
 import io
 import json
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from llama_adapter_v2.config.schema import ValidationConfig
+from llama_adapter_v2.config.schema import Config, ValidationConfig
+from llama_adapter_v2.data.containment import OutsideRootError, resolve_inside, usable_path_text
 
 DATA_URL_PREFIX = "data:image/"
 ROLES = {"user", "assistant"}
@@ -31,17 +41,40 @@ class ImageLimits:
     max_bytes: int
     max_side: int
     max_pixels: int
+    roots: tuple[Path, ...] = ()  # where a server-side path may lead; empty: base64 only
 
     @classmethod
-    def from_validation(cls, rules: ValidationConfig, max_bytes: int = 10 * 1024 * 1024) -> ImageLimits:
-        return cls(max_bytes=max_bytes, max_side=rules.image_max_side, max_pixels=rules.max_image_pixels)
+    def from_validation(cls, rules: ValidationConfig, max_bytes: int = 10 * 1024 * 1024,
+                        roots: tuple[Path, ...] = ()) -> ImageLimits:
+        return cls(max_bytes=max_bytes, max_side=rules.image_max_side, max_pixels=rules.max_image_pixels,
+                   roots=roots)
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> ImageLimits:
+        roots = tuple(cfg.serving.allowed_image_roots(cfg.data))
+        return cls.from_validation(cfg.data.validation, roots=roots)
+
+
+def _server_file(value: str, roots: tuple[Path, ...]) -> Path | None:
+    """The regular file ``value`` names inside one of ``roots``, resolved; None otherwise."""
+    if len(value) >= 4096 or value.startswith(DATA_URL_PREFIX) or not usable_path_text(value):
+        return None
+    for root in roots:
+        for candidate in (os.path.abspath(value), value):  # from the server's folder, or from the root
+            try:
+                resolved = resolve_inside(root, candidate)
+            except (OutsideRootError, ValueError):
+                continue
+            if os.path.isfile(resolved):  # False, not an error, for names too long for the file system
+                return resolved
+    return None
 
 
 def _image_bytes(value: str, limits: ImageLimits) -> bytes:
-    path = Path(value) if len(value) < 4096 and not value.startswith(DATA_URL_PREFIX) else None
-    if path is not None and path.is_file():
+    path = _server_file(value, limits.roots)
+    if path is not None:
         if path.stat().st_size > limits.max_bytes:
-            raise RequestError(f"image: file {path} is larger than {limits.max_bytes} bytes")
+            raise RequestError(f"image: file {value} is larger than {limits.max_bytes} bytes")
         return path.read_bytes()
     encoded = value.split(",", 1)[1] if value.startswith(DATA_URL_PREFIX) else value
     if len(encoded) * 3 // 4 > limits.max_bytes:
@@ -49,7 +82,8 @@ def _image_bytes(value: str, limits: ImageLimits) -> bytes:
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("image: neither an existing file path nor valid base64") from None
+        raise RequestError("image: neither an existing file path inside the served image folders "
+                           "(serving.image_roots) nor valid base64") from None
 
 
 def decode_image(value: object, limits: ImageLimits) -> Image.Image:
@@ -58,8 +92,12 @@ def decode_image(value: object, limits: ImageLimits) -> Image.Image:
         raise RequestError("image: missing (give a file path or base64-encoded image bytes)")
     raw = _image_bytes(value.strip(), limits)
     try:
-        image = Image.open(io.BytesIO(raw))  # reads the header only: size is known before decoding
-    except (UnidentifiedImageError, OSError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))  # reads the header only: size is known before decoding
+    except Image.DecompressionBombError as err:
+        raise RequestError(f"image: exceeds the limits ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise RequestError("image: bytes are not a readable image (PNG, JPEG, ...)") from None
     width, height = image.size
     if max(width, height) > limits.max_side or width * height > limits.max_pixels:
@@ -69,7 +107,7 @@ def decode_image(value: object, limits: ImageLimits) -> Image.Image:
         )
     try:
         return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise RequestError(f"image: cannot be decoded ({err})") from None
 
 

@@ -1,0 +1,1 @@
+"""Fuzz targets (run as scripts, see fuzz/README.md; importable for tests)."""
