@@ -241,9 +241,10 @@ def _image_conversation(rng: random.Random, image: DrawnImage) -> list[dict[str,
     exchanges = exchanges[: rng.choice((1, 1, 2, 3))]
     turns: list[tuple[str, str]] = []
     for position, (question, reply) in enumerate(exchanges):
+        asked = question
         if position == 0:
-            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
-        turns += [("human", question), ("gpt", reply)]
+            asked = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+        turns += [("human", asked), ("gpt", reply)]
     return [{"from": who, "value": text} for who, text in turns]
 
 
