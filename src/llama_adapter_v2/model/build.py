@@ -8,6 +8,7 @@ device nothing is allocated: ``lav2 params`` counts the 7B and 8B configs in sec
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +139,40 @@ def build_clip(vision: VisionTowerConfig, *, device: torch.device, dtype: torch.
         with_projection = True
     tower_class = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
     if folder is not None and device.type != "meta":
-        tower = tower_class.from_pretrained(folder, config=config, local_files_only=True, dtype=dtype)
-        return tower.to(device).eval()
+        return _load_tower(tower_class, folder, config, dtype).to(device).eval()
     return _seeded_build(tower_class, config, device, dtype).eval()
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _stored_keys(folder: Path) -> set[str]:
+    keys: set[str] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+def _load_tower(tower_class: Any, folder: Path, config: Any, dtype: torch.dtype) -> ClipTower:
+    """The vision tower of a CLIP folder; a full CLIPModel's text tower is left out without a report.
+
+    transformers reports every unexpected key (the whole text tower) as a warning table; a
+    missing vision weight is what matters, and that stays an error naming the keys.
+    """
+    modeling_logger = logging.getLogger("transformers.modeling_utils")
+    no_report = _DropLoadReport()
+    modeling_logger.addFilter(no_report)  # not the level: transformers runs other checks at other levels
+    try:
+        tower = tower_class.from_pretrained(folder, config=config, local_files_only=True, dtype=dtype)
+    finally:
+        modeling_logger.removeFilter(no_report)
+    missing = sorted(set(tower.state_dict()) - _stored_keys(folder))
+    if missing:
+        raise BaseModelError(f"model.vision.path: {folder} lacks {len(missing)} tower weights: {missing[:3]}")
+    return tower
 
 
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
