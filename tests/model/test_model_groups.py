@@ -134,3 +134,17 @@ def test_an_unknown_group_name_is_refused() -> None:
     model = build_model(tiny_config())
     with pytest.raises(ValueError, match="unknown parameter group 'vision'; the groups are"):
         model.set_trainable(["vision"])  # type: ignore[list-item]
+
+
+def test_each_declaration_matches_the_method_table() -> None:
+    """The groups of METHOD.md §4 and MM's decay rule (matrices only), restated here by name."""
+    model = build_model(tiny_config({"lora_rank": 2}))
+    kinds = {"bias": "bias", "scale": "scale", "lora_a": "lora", "lora_b": "lora", "gate": "gate",
+             "prompt": "prompt", "weight": "norm"}
+    for name, parameter, trainable in model.adapter_parameters():
+        visual = name.startswith("visual_bridge.") or name == "base.model.layers.0.self_attn.gate"
+        assert trainable.group == ("visual" if visual else "language"), name
+        leaf = name.rsplit(".", 1)[-1]
+        assert trainable.kind == ("visual" if name.startswith("visual_bridge.") else kinds[leaf]), name
+        assert trainable.decays == (parameter.ndim >= 2), name
+        assert parameter.requires_grad, name

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from llama_adapter_v2.config.schema import GroupOptimConfig, TrainingConfig
-from llama_adapter_v2.train.optim import WarmupHalfCosine, build_group_optimizer, decays, peak_lr
+from llama_adapter_v2.model.trainable import AdapterParameter, Trainable
+from llama_adapter_v2.train.optim import WarmupHalfCosine, build_group_optimizer, peak_lr
+
+MATRIX = Trainable("language", "lora", decays=True)
+VECTOR = Trainable("language", "bias", decays=False)
 
 
 def test_schedule_warms_up_linearly_then_follows_half_a_cosine() -> None:
@@ -27,17 +31,14 @@ def test_lr_scales_with_the_effective_batch() -> None:
     assert peak_lr(group, training.model_copy(update={"scale_lr": False}), world_size=2) == 1e-3
 
 
-def test_no_weight_decay_on_biases_and_one_dimensional_parameters() -> None:
+def test_weight_decay_goes_where_the_declaration_says() -> None:
     matrix = torch.nn.Parameter(torch.ones(3, 3))
     bias, norm = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    assert decays("layers.0.q_proj.lora_a", matrix)
-    assert not decays("layers.0.q_proj.bias", bias)
-    assert not decays("layers.0.input_layernorm.weight", norm)
-    assert not decays("visual.query_bias", torch.nn.Parameter(torch.ones(2, 2)))
     training = TrainingConfig(grad_clip=None)
+    declared = [AdapterParameter("a.weight", matrix, MATRIX), AdapterParameter("a.bias", bias, VECTOR),
+                AdapterParameter("n.weight", norm, Trainable("language", "norm", decays=False))]
     group = build_group_optimizer(
-        "visual", [("a.weight", matrix), ("a.bias", bias), ("n.weight", norm)],
-        GroupOptimConfig(base_lr=0.1, weight_decay=0.5), training, total_steps=10,
+        "visual", declared, GroupOptimConfig(base_lr=0.1, weight_decay=0.5), training, total_steps=10,
     )
     decayed, plain = group.optimizer.param_groups
     assert decayed["weight_decay"] == 0.5 and decayed["params"] == [matrix]
@@ -49,8 +50,8 @@ def test_step_reports_the_norm_before_clipping_and_clips_to_the_limit() -> None:
     weight = torch.nn.Parameter(torch.zeros(2, 2))
     weight.grad = torch.full((2, 2), 3.0)  # norm 6
     training = TrainingConfig(grad_clip=1.0, scale_lr=False)
-    group = build_group_optimizer("language", [("w", weight)], GroupOptimConfig(base_lr=0.5, warmup_steps=2),
-                                  training, total_steps=4)
+    group = build_group_optimizer("language", [AdapterParameter("w", weight, MATRIX)],
+                                  GroupOptimConfig(base_lr=0.5, warmup_steps=2), training, total_steps=4)
     stats = group.step(measure=True)
     assert stats.grad_norm == pytest.approx(6.0)
     assert stats.lr == 0.25  # first warm-up step of two
@@ -69,7 +70,8 @@ def test_groups_use_the_multi_tensor_adamw_and_it_matches_the_single_tensor_upda
     twins = [torch.nn.Parameter(p.detach().clone()) for _, p in named]
     cfg = GroupOptimConfig(base_lr=0.1, weight_decay=0.05, warmup_steps=1)
     training = TrainingConfig(grad_clip=None, scale_lr=False)
-    group = build_group_optimizer("language", named, cfg, training, total_steps=3)
+    declared = [AdapterParameter(name, p, MATRIX if p.ndim == 2 else VECTOR) for name, p in named]
+    group = build_group_optimizer("language", declared, cfg, training, total_steps=3)
     assert [g["foreach"] for g in group.optimizer.param_groups] == [True, True]
     single = torch.optim.AdamW([{"params": twins[5:], "weight_decay": 0.05},
                                 {"params": twins[:5], "weight_decay": 0.0}],

@@ -23,8 +23,8 @@ def params(
 
     from llama_adapter_v2.model.adapter import AdapterConfigError
     from llama_adapter_v2.model.build import BaseModelError, build_model
-    from llama_adapter_v2.model.groups import GROUPS
-    from llama_adapter_v2.model.params import KINDS, count_parameters
+    from llama_adapter_v2.model.params import count_parameters
+    from llama_adapter_v2.model.trainable import GROUPS, KINDS
 
     cfg = load_or_exit(config, overrides)
     try:

@@ -1,9 +1,9 @@
 """LLaMA-Adapter V2 on a frozen transformers Llama and CLIP tower (METHOD.md).
 
-One file per piece: ``adapter_linear`` (bias, scale, LoRA), ``attention`` (gated prompts),
-``vision`` (CLIP tokens to visual prompts), ``adapter`` (the model), ``groups`` (the group
-rule), ``build`` (from a Config), ``checkpoint`` (adapter-only files), ``fold`` (merge for
-inference), ``params`` (counts).
+One file per piece: ``trainable`` (what trains: each adapter module's declaration),
+``adapter_linear`` (bias, scale, LoRA), ``attention`` (gated prompts), ``vision`` (CLIP tokens
+to visual prompts), ``adapter`` (the model), ``build`` (from a Config), ``checkpoint``
+(adapter-only files), ``fold`` (merge for inference), ``params`` (counts).
 """
 
 from llama_adapter_v2.model.adapter import AdapterConfigError, AdapterOutput, LlamaAdapterV2

@@ -25,13 +25,21 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNor
 from llama_adapter_v2.config.schema import AdapterConfig, ModelConfig
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
 from llama_adapter_v2.model.attention import PromptedLlamaAttention, PromptKV, PromptSource
-from llama_adapter_v2.model.groups import Group, check_group_names, split_into_groups
 from llama_adapter_v2.model.sharding import full_tensor, shard_like
+from llama_adapter_v2.model.trainable import (
+    GROUPS,
+    AdapterModule,
+    AdapterParameter,
+    Group,
+    Trainable,
+    check_group_names,
+)
 from llama_adapter_v2.model.vision import ClipImageTransform, ClipTower, FrozenClipEncoder, VisualBridge
 
 IGNORE_INDEX = -100
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+UNFROZEN_NORM = Trainable("language", "norm", decays=False)
 
 
 class AdapterConfigError(ValueError):
@@ -122,14 +130,12 @@ class LlamaAdapterV2(nn.Module):
         self.base = base.requires_grad_(False)
         self._wrap_linears()
         self._wrap_attention()
-        for module in self.base.modules():
-            if isinstance(module, LlamaRMSNorm):
-                module.weight.requires_grad_(True)
         self.clip: FrozenClipEncoder | None = None
         self.visual_bridge: VisualBridge | None = None
         self.image_transform: ClipImageTransform | None = None
         if self.plan.uses_images:
             self._attach_visual_path(clip)
+        self.set_trainable(GROUPS)
 
     # ------------------------------------------------------------------ construction
 
@@ -138,20 +144,18 @@ class LlamaAdapterV2(nn.Module):
         LoRA on ``lora_targets``; a linear in neither stays the plain frozen layer."""
         adapter = self.adapter_config
         lora_targets = set(adapter.lora_targets) if adapter.lora_rank else set()
-        for layer in self.base.model.layers:
-            for owner, names in ((layer.self_attn, ATTENTION_LINEARS), (layer.mlp, MLP_LINEARS)):
-                for name in names:
-                    biased, lora = name in adapter.bias_targets, name in lora_targets
-                    if not (biased or lora):
-                        continue
-                    wrapped = AdaptedLinear(
-                        getattr(owner, name),
-                        bias=biased,
-                        scale_position=adapter.scale_position,
-                        lora_rank=adapter.lora_rank if lora else 0,
-                        lora_alpha=adapter.lora_alpha,
-                    )
-                    setattr(owner, name, wrapped)
+        for owner, name in decoder_linears(self.base):
+            biased, lora = name in adapter.bias_targets, name in lora_targets
+            if not (biased or lora):
+                continue
+            wrapped = AdaptedLinear(
+                getattr(owner, name),
+                bias=biased,
+                scale_position=adapter.scale_position,
+                lora_rank=adapter.lora_rank if lora else 0,
+                lora_alpha=adapter.lora_alpha,
+            )
+            setattr(owner, name, wrapped)
 
     def _wrap_attention(self) -> None:
         adapter = self.adapter_config
@@ -189,19 +193,26 @@ class LlamaAdapterV2(nn.Module):
             if isinstance(layer.self_attn, PromptedLlamaAttention):
                 yield layer.self_attn
 
+    def adapter_parameters(self) -> list[AdapterParameter]:
+        """Every parameter the method adds or unfreezes, as its module declares it, in module order.
+
+        The frozen base and tower are never in it: only declared parameters are.
+        """
+        return [
+            AdapterParameter(f"{prefix}.{name}", module.get_parameter(name), trainable)
+            for prefix, module in self.named_modules()
+            for name, trainable in declared_trainables(module).items()
+        ]
+
     def adapter_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Every parameter the method adds or unfreezes; the frozen base and tower are never in it."""
-        found: list[tuple[str, nn.Parameter]] = []
-        for prefix, module in self.named_modules():
-            if isinstance(module, VisualBridge):
-                found += [(f"{prefix}.{name}", p) for name, p in module.named_parameters()]
-            elif isinstance(module, AdaptedLinear | PromptedLlamaAttention | LlamaRMSNorm):
-                found += [(f"{prefix}.{name}", p) for name, p in module.named_parameters(recurse=False)]
-        return found
+        return [(declared.name, declared.parameter) for declared in self.adapter_parameters()]
 
     def parameter_groups(self) -> dict[Group, list[tuple[str, nn.Parameter]]]:
         """``{"visual": [...], "language": [...]}``: every adapter parameter in exactly one group."""
-        return split_into_groups(self.adapter_named_parameters(), frozenset(self.plan.visual_layers))
+        groups: dict[Group, list[tuple[str, nn.Parameter]]] = {group: [] for group in GROUPS}
+        for declared in self.adapter_parameters():
+            groups[declared.trainable.group].append((declared.name, declared.parameter))
+        return groups
 
     def set_trainable(self, groups: Iterable[Group]) -> None:
         """Let gradients reach only these groups (a caption batch: ``["visual"]``).
@@ -210,9 +221,8 @@ class LlamaAdapterV2(nn.Module):
         cannot change it, bit for bit, whatever its weight decay or momentum.
         """
         chosen = set(check_group_names(groups))
-        for group, members in self.parameter_groups().items():
-            for _, parameter in members:
-                parameter.requires_grad_(group in chosen)
+        for declared in self.adapter_parameters():
+            declared.parameter.requires_grad_(declared.trainable.group in chosen)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors, also when FSDP2 shards them (then a collective: every rank calls it)."""
@@ -328,6 +338,24 @@ class LlamaAdapterV2(nn.Module):
             return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
         finally:
             hook.remove()
+
+
+def decoder_linears(base: LlamaForCausalLM) -> Iterator[tuple[nn.Module, str]]:
+    """(owner, attribute) of the seven linears of every decoder layer: what bias, scale and LoRA wrap."""
+    for layer in base.model.layers:
+        for owner, names in ((layer.self_attn, ATTENTION_LINEARS), (layer.mlp, MLP_LINEARS)):
+            for name in names:
+                yield owner, name
+
+
+def declared_trainables(module: nn.Module) -> dict[str, Trainable]:
+    """What ``module`` trains: its own declaration, or, for the base's RMSNorms, which the method
+    unfreezes (a transformers class that cannot declare itself), the norm weight."""
+    if isinstance(module, AdapterModule):
+        return module.adapter_params()
+    if isinstance(module, LlamaRMSNorm):
+        return {"weight": UNFROZEN_NORM}
+    return {}
 
 
 def _with_prompts(

@@ -14,10 +14,15 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from llama_adapter_v2.model.trainable import AdapterModule, Trainable
+
 ScalePosition = Literal["output", "input", "none"]
+BIAS = Trainable("language", "bias", decays=False)
+SCALE = Trainable("language", "scale", decays=False)
+LORA = Trainable("language", "lora", decays=True)
 
 
-class AdaptedLinear(nn.Module):
+class AdaptedLinear(AdapterModule):
     """``y = s * ((W + c B A) x + b)`` (output form) or ``y = (W + c B A)(s * x) + b`` (input form).
 
     ``b`` is the adapter bias added to the frozen bias (if the base has one); ``c`` is the LoRA
@@ -51,6 +56,15 @@ class AdaptedLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         else:
             self.lora_a = self.lora_b = None
+
+    def adapter_params(self) -> dict[str, Trainable]:
+        """Bias, scale and LoRA train with the instruction data (the language group)."""
+        declared = {"bias": BIAS} if self.bias is not None else {}
+        if self.scale is not None:
+            declared["scale"] = SCALE
+        if self.lora_a is not None:
+            declared |= {"lora_a": LORA, "lora_b": LORA}
+        return declared
 
     @property
     def in_features(self) -> int:

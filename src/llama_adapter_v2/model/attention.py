@@ -27,6 +27,8 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from llama_adapter_v2.model.trainable import AdapterModule, Group, Trainable
+
 PromptSource = Literal["visual", "adaptation"]
 GateKind = Literal["head", "scalar"]
 
@@ -49,14 +51,15 @@ class PromptKV:
 
 
 PromptKVByLayer = Mapping[int, PromptKV]
+PROMPT = Trainable("language", "prompt", decays=True)
 
 
-class PromptedLlamaAttention(nn.Module):
+class PromptedLlamaAttention(AdapterModule):
     """Replaces one ``LlamaAttention``: same projections (shared, not copied) plus a gate.
 
     ``source`` says where this layer's prompt tokens come from: the visual path (early fusion)
     or its own learnable adaptation prompt (``prompt`` parameter, visual tokens added to it
-    under additive fusion). The group rule in ``groups.py`` reads it.
+    under additive fusion); ``adapter_params`` puts the gate in that source's group.
     """
 
     def __init__(
@@ -91,6 +94,13 @@ class PromptedLlamaAttention(nn.Module):
         )
         if self.prompt is not None:
             nn.init.normal_(self.prompt)
+
+    def adapter_params(self) -> dict[str, Trainable]:
+        """The gate trains with the data that feeds this layer's prompts: a visual layer's gate with
+        the captions (visual group), an adaptation layer's with the instructions (language group)."""
+        group: Group = "visual" if self.source == "visual" else "language"
+        declared = {"gate": Trainable(group, "gate", decays=False)}
+        return declared | ({"prompt": PROMPT} if self.prompt is not None else {})
 
     def prompt_kv(self, prompt_tokens: torch.Tensor, row_mask: torch.Tensor | None = None) -> PromptKV:
         """Project prompt tokens (B or 1, L, hidden) to keys and values: no rotary, no mask.

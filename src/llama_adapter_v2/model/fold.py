@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama_adapter_v2.model.adapter import ATTENTION_LINEARS, MLP_LINEARS, LlamaAdapterV2
+from llama_adapter_v2.model.adapter import LlamaAdapterV2, decoder_linears
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
 from llama_adapter_v2.model.checkpoint import save_adapter
 
@@ -47,14 +47,12 @@ def _with_zero_bias(linear: nn.Linear) -> nn.Linear:
 @torch.no_grad()
 def fold_adapter(model: LlamaAdapterV2) -> LlamaAdapterV2:
     """Fold in place; the model computes the same function with plain biased linears."""
-    for layer in model.base.model.layers:
-        for owner, names in ((layer.self_attn, ATTENTION_LINEARS), (layer.mlp, MLP_LINEARS)):
-            for name in names:
-                linear = getattr(owner, name)
-                if isinstance(linear, AdaptedLinear):
-                    setattr(owner, name, linear.folded())
-                elif linear.bias is None:
-                    setattr(owner, name, _with_zero_bias(linear))
+    for owner, name in decoder_linears(model.base):
+        linear = getattr(owner, name)
+        if isinstance(linear, AdaptedLinear):
+            setattr(owner, name, linear.folded())
+        elif linear.bias is None:
+            setattr(owner, name, _with_zero_bias(linear))
     model.base.config.attention_bias = True
     model.base.config.mlp_bias = True
     folded = {"bias_targets": [], "scale_position": "none", "lora_rank": 0}
@@ -80,9 +78,13 @@ def export_folded(model: LlamaAdapterV2, out: Path | str, tokenizer_from: Path |
     prompted = has_prompts(model)
     base_dir = out / FOLDED_BASE_DIR if prompted else out
     base_dir.mkdir(parents=True, exist_ok=True)
-    adapter_names = {name.removeprefix("base.") for name, _ in model.adapter_named_parameters()}
-    norms = {name for name in adapter_names if name.endswith("norm.weight")}
-    state = {k: v for k, v in model.base.state_dict().items() if k not in adapter_names - norms}
+    # the unfrozen norms are base weights: they stay in the base; prompts, gates and the bridge do not
+    adapter_only = {
+        name.removeprefix("base.")
+        for name, _, trainable in model.adapter_parameters()
+        if trainable.kind != "norm"
+    }
+    state = {k: v for k, v in model.base.state_dict().items() if k not in adapter_only}
     model.base.save_pretrained(base_dir, state_dict=state)
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:

@@ -1,29 +1,11 @@
-"""Trainable parameter counts per group and per kind (METHOD.md section 6)."""
+"""Trainable parameter counts per group and per kind (docs/METHOD.md §6), from the declarations."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
 
 from llama_adapter_v2.model.adapter import LlamaAdapterV2
-from llama_adapter_v2.model.groups import GROUPS, VISUAL_PATH_PREFIX, Group
-
-Kind = Literal["bias", "scale", "norm", "prompt", "gate", "visual", "lora"]
-KINDS: tuple[Kind, ...] = get_args(Kind)
-
-
-def kind_of(name: str) -> Kind:
-    """What an adapter parameter is, from its name (the visual path counts as one kind)."""
-    leaf = name.rsplit(".", 1)[-1]
-    if name.startswith(VISUAL_PATH_PREFIX):
-        return "visual"
-    if leaf in ("lora_a", "lora_b"):
-        return "lora"
-    if leaf in ("gate", "prompt", "scale", "bias"):
-        return leaf  # type: ignore[return-value]
-    if name.endswith("norm.weight"):
-        return "norm"
-    raise ValueError(f"adapter parameter {name!r} has no known kind")
+from llama_adapter_v2.model.trainable import GROUPS, KINDS, Group, Kind
 
 
 @dataclass(frozen=True)
@@ -49,10 +31,9 @@ def count_parameters(model: LlamaAdapterV2) -> ParameterCounts:
     """Works on the meta device: only shapes are read."""
     by_group_and_kind: dict[Group, dict[Kind, int]] = {g: dict.fromkeys(KINDS, 0) for g in GROUPS}
     adapter_ids: set[int] = set()
-    for group, members in model.parameter_groups().items():
-        for name, parameter in members:
-            by_group_and_kind[group][kind_of(name)] += parameter.numel()
-            adapter_ids.add(id(parameter))
+    for _, parameter, trainable in model.adapter_parameters():
+        by_group_and_kind[trainable.group][trainable.kind] += parameter.numel()
+        adapter_ids.add(id(parameter))
     by_group = {g: sum(kinds.values()) for g, kinds in by_group_and_kind.items()}
     by_kind = {k: sum(by_group_and_kind[g][k] for g in GROUPS) for k in KINDS}
     tower = sum(p.numel() for p in model.clip.parameters()) if model.clip is not None else 0

@@ -19,6 +19,7 @@ from torch.nn import functional
 from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
 from llama_adapter_v2.config.schema import VisualBridgeConfig
+from llama_adapter_v2.model.trainable import AdapterModule, Trainable
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -101,7 +102,7 @@ class BridgeBlock(nn.Module):
         return x + self.fc2(functional.gelu(self.fc1(self.norm2(x))))
 
 
-class VisualBridge(nn.Module):
+class VisualBridge(AdapterModule):
     """The trainable visual path: CLIP tokens (B, N, clip_width) -> visual prompts (B, n_query, llm_width)."""
 
     def __init__(self, clip_width: int, llm_width: int, cfg: VisualBridgeConfig) -> None:
@@ -115,6 +116,13 @@ class VisualBridge(nn.Module):
         self.visual_proj = nn.Linear(cfg.width, llm_width)
         self.visual_proj_norm = nn.LayerNorm(llm_width)
         nn.init.normal_(self.visual_query)
+
+    def adapter_params(self) -> dict[str, Trainable]:
+        """The whole bridge trains with the captions (visual group); its matrices decay."""
+        return {
+            name: Trainable("visual", "visual", decays=parameter.ndim >= 2)
+            for name, parameter in self.named_parameters()
+        }
 
     @property
     def n_query(self) -> int:

@@ -170,17 +170,18 @@ class Trainer:
         random.seed(self.training.seed)
         self.precision = Precision(ctx.device.type, self.training.precision)
         self.model = build_model(cfg, device=ctx.device, dtype=self.precision.frozen_dtype)
-        keep_trainable_in_fp32(self.model.parameter_groups())
+        keep_trainable_in_fp32(self.model.adapter_parameters())
         self.model.set_trainable(["visual", "language"])
         # before the optimizers: FSDP replaces every parameter by its DTensor shard
         self.wrapped = wrap_for_training(LossOf(self.model), ctx, self.training)
         self.tokenizer = load_tokenizer(cfg)
         self.schedule = task_schedule(self.training)
         totals = steps_per_group(self.schedule, self.training)
-        groups = self.model.parameter_groups()
+        declared = self.model.adapter_parameters()
         self.groups: dict[str, GroupOptimizer] = {
             name: build_group_optimizer(
-                name, groups[name], getattr(self.training, name), self.training,
+                name, [p for p in declared if p.trainable.group == name], getattr(self.training, name),
+                self.training,
                 total_steps=totals[name], world_size=ctx.world_size,
             )
             for name in ("visual", "language") if totals[name] > 0

@@ -3,7 +3,8 @@
 The visual and language groups are trained on different data (METHOD.md section 4), so each
 has its own optimizer, learning rate, weight decay and step counter: a caption step advances
 only the visual schedule. Defaults follow the released code (METHOD.md section 5): betas
-(0.9, 0.95), no weight decay on biases and 1-D parameters, lr = base_lr * batch / 256.
+(0.9, 0.95), weight decay where the parameter's declaration says so (matrices; not biases and
+1-D parameters), lr = base_lr * batch / 256.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from torch import nn
 
 from llama_adapter_v2.config.schema import GroupOptimConfig, TrainingConfig
 from llama_adapter_v2.model.sharding import full_tensor
-
-NamedParams = Sequence[tuple[str, nn.Parameter]]
+from llama_adapter_v2.model.trainable import AdapterParameter
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,6 @@ def peak_lr(group: GroupOptimConfig, training: TrainingConfig, world_size: int) 
     if not training.scale_lr:
         return group.base_lr
     return group.base_lr * effective_batch(training, world_size) / 256
-
-
-def decays(name: str, param: nn.Parameter) -> bool:
-    """Weight decay only on matrices: biases, norms, scales and gates (1-D) are left alone."""
-    return param.ndim >= 2 and not name.endswith("bias")
 
 
 def _norm(tensor: torch.Tensor) -> torch.Tensor:
@@ -119,7 +114,7 @@ class GroupOptimizer:
 
 def build_group_optimizer(
     name: str,
-    named: NamedParams,
+    declared: Sequence[AdapterParameter],
     group_cfg: GroupOptimConfig,
     training: TrainingConfig,
     *,
@@ -135,10 +130,10 @@ def build_group_optimizer(
     single-tensor path in the last place, so a resumed run must use the same implementation:
     the flag is saved with the param groups and restored with them.
     """
-    if not named:
+    if not declared:
         raise ValueError(f"parameter group {name!r} is empty: nothing to optimise")
-    decay = [p for n, p in named if decays(n, p)]
-    no_decay = [p for n, p in named if not decays(n, p)]
+    decay = [p.parameter for p in declared if p.trainable.decays]
+    no_decay = [p.parameter for p in declared if not p.trainable.decays]
     param_groups = [
         {"params": decay, "weight_decay": group_cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -152,7 +147,7 @@ def build_group_optimizer(
         peak=peak, warmup=group_cfg.warmup_steps, total=max(1, total_steps), floor=group_cfg.min_lr
     )
     return GroupOptimizer(
-        name=name, params=[p for _, p in named], optimizer=optimizer, schedule=schedule,
+        name=name, params=[p.parameter for p in declared], optimizer=optimizer, schedule=schedule,
         grad_clip=training.grad_clip,
     )
 
@@ -183,9 +178,8 @@ class Precision:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mode]
 
 
-def keep_trainable_in_fp32(groups: dict[str, NamedParams]) -> None:
+def keep_trainable_in_fp32(declared: Sequence[AdapterParameter]) -> None:
     """Trainable tensors stay fp32 whatever the base's dtype: AdamW updates of 1e-4 relative
     size vanish in bf16's 8-bit mantissa."""
-    for named in groups.values():
-        for _, param in named:
-            param.data = param.data.float()
+    for parameter in declared:
+        parameter.parameter.data = parameter.parameter.data.float()
