@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from llama_adapter_v2.config import ConfigError, load_config, resolved_clip_arch, resolved_llama_arch
+from llama_adapter_v2.config.layer_plan import LayerPlan, plan_layers
+from llama_adapter_v2.config.schema import AdapterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -189,3 +191,19 @@ def test_full_clip_folder_reads_its_top_level_projection(tmp_path: Path, demo_ra
     demo_raw["model"]["vision"]["path"] = str(folder)
     cfg = load_config(write(tmp_path, demo_raw))
     assert resolved_clip_arch(cfg).projection_dim == 64
+
+
+def test_layer_plan_puts_prompts_in_the_last_layers_and_visual_prompts_in_the_first() -> None:
+    early = AdapterConfig(prompt_len=10, visual_layers=2)  # prompt_layers None: n_layers - 2
+    assert plan_layers(early, 8) == LayerPlan(visual_layers=(0, 1), prompt_layers=(2, 3, 4, 5, 6, 7),
+                                              additive=False)
+    additive = AdapterConfig(prompt_len=10, prompt_layers=3, visual_fusion="additive")
+    assert plan_layers(additive, 8) == LayerPlan(visual_layers=(), prompt_layers=(5, 6, 7), additive=True)
+    assert plan_layers(additive, 8).uses_images
+    assert not plan_layers(AdapterConfig(visual_layers=0), 8).uses_images
+    assert plan_layers(AdapterConfig(prompt_len=0), 8).prompt_layers == ()
+
+
+def test_additive_fusion_with_unequal_lengths_fails_at_load(tmp_path: Path, demo_raw: dict) -> None:
+    overrides = ("model.adapter.visual_fusion=additive", "model.adapter.visual.n_query=5")
+    assert error_keys(write(tmp_path, demo_raw), overrides) == ["model.adapter.visual.n_query"]

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from llama_adapter_v2.cli.main import app
 from llama_adapter_v2.config import Config
+from llama_adapter_v2.config.layer_plan import plan_layers
 from llama_adapter_v2.model.adapter import LlamaAdapterV2
 from llama_adapter_v2.model.build import BaseModelError, build_model, load_tokenizer
 from llama_adapter_v2.model.vision import CLIP_MEAN, CLIP_STD
@@ -114,7 +115,7 @@ def test_a_non_llama_base_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(BaseModelError, match="'gpt2' model; LLaMA-Adapter V2 wraps Llama-family"):
         build_model(cfg)
     with pytest.raises(TypeError, match="wraps a transformers LlamaForCausalLM; got GPT2LMHeadModel"):
-        LlamaAdapterV2(gpt2, cfg.model.adapter)  # type: ignore[arg-type]
+        LlamaAdapterV2(gpt2, cfg.model.adapter, plan_layers(cfg.model.adapter, 4))  # type: ignore[arg-type]
 
 
 def test_a_missing_base_folder_fails_off_the_meta_device(tmp_path: Path) -> None:

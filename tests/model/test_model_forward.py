@@ -9,7 +9,7 @@ import torch
 from tiny_models import image_batch, move_gates, tiny_config, token_batch
 from torch.nn import functional
 
-from llama_adapter_v2.model.adapter import AdapterConfigError
+from llama_adapter_v2.config.layer_plan import AdapterConfigError
 from llama_adapter_v2.model.build import build_base, build_model
 from llama_adapter_v2.model.vision import ImageShapeError
 

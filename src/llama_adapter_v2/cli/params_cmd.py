@@ -21,7 +21,7 @@ def params(
     from rich.console import Console
     from rich.table import Table
 
-    from llama_adapter_v2.model.adapter import AdapterConfigError
+    from llama_adapter_v2.config.layer_plan import AdapterConfigError
     from llama_adapter_v2.model.build import BaseModelError, build_model
     from llama_adapter_v2.model.params import count_parameters
     from llama_adapter_v2.model.trainable import GROUPS, KINDS

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from llama_adapter_v2.config.layer_plan import AdapterConfigError, plan_layers
 from llama_adapter_v2.config.schema import (
     ClipVisionArch,
     Config,
@@ -185,21 +186,12 @@ def resolved_clip_arch(cfg: Config) -> ClipVisionArch:
     return vision.arch
 
 
-def _layer_problems(cfg: Config, n_layers: int) -> Iterator[tuple[str, str]]:
-    adapter = cfg.model.adapter
-    prompt_layers = adapter.resolved_prompt_layers(n_layers)
-    if prompt_layers > n_layers or prompt_layers < 0:
-        yield "model.adapter.prompt_layers", f"{prompt_layers} layers asked, the model has {n_layers}"
-    if adapter.visual_layers > n_layers:
-        yield "model.adapter.visual_layers", f"{adapter.visual_layers} layers asked, the model has {n_layers}"
-    early = adapter.visual_fusion == "early" and adapter.prompt_len > 0
-    if early and adapter.visual_layers + prompt_layers > n_layers:
-        yield "model.adapter.visual_layers", (
-                f"early fusion: the first {adapter.visual_layers} visual layers overlap the last "
-                f"{prompt_layers} prompt layers of a {n_layers}-layer model"
-            )
-    if adapter.visual_fusion == "additive" and adapter.prompt_len > 0 and prompt_layers == 0:
-        yield "model.adapter.prompt_layers", "additive fusion needs prompt layers to add visual prompts to"
+def _layer_problems(cfg: Config, n_layers: int) -> list[tuple[str, str]]:
+    try:
+        plan_layers(cfg.model.adapter, n_layers)
+    except AdapterConfigError as err:
+        return err.problems
+    return []
 
 
 def _training_problems(cfg: Config) -> Iterator[tuple[str, str]]:

@@ -22,6 +22,7 @@ from torch.nn import functional
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
 
+from llama_adapter_v2.config.layer_plan import AdapterConfigError, LayerPlan
 from llama_adapter_v2.config.schema import AdapterConfig, ModelConfig
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
 from llama_adapter_v2.model.attention import PromptedLlamaAttention, PromptKV, PromptSource
@@ -40,57 +41,6 @@ IGNORE_INDEX = -100
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 UNFROZEN_NORM = Trainable("language", "norm", decays=False)
-
-
-class AdapterConfigError(ValueError):
-    """The adapter config does not fit the base model (names the config key and the numbers)."""
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Which decoder layers take visual prompts, which take adaptation prompts."""
-
-    visual_layers: tuple[int, ...]
-    prompt_layers: tuple[int, ...]
-    additive: bool
-
-    @property
-    def uses_images(self) -> bool:
-        return bool(self.visual_layers) or (self.additive and bool(self.prompt_layers))
-
-
-def plan_layers(adapter: AdapterConfig, n_layers: int) -> LayerPlan:
-    """Resolve the layer switches against the base's depth; impossible requests raise."""
-    n_prompt = adapter.resolved_prompt_layers(n_layers)
-    if n_prompt > n_layers:
-        raise AdapterConfigError(
-            f"model.adapter.prompt_layers: {n_prompt} prompt layers asked, "
-            f"the base model has {n_layers} layers"
-        )
-    if adapter.visual_layers > n_layers:
-        raise AdapterConfigError(
-            f"model.adapter.visual_layers: {adapter.visual_layers} visual layers asked, "
-            f"the base model has {n_layers} layers"
-        )
-    prompt_layers = tuple(range(n_layers - n_prompt, n_layers)) if adapter.prompt_len else ()
-    if adapter.visual_fusion == "additive":
-        if adapter.prompt_len and not prompt_layers:
-            raise AdapterConfigError(
-                "model.adapter.prompt_layers: additive fusion needs at least one prompt layer"
-            )
-        if prompt_layers and adapter.visual.n_query != adapter.prompt_len:
-            raise AdapterConfigError(
-                f"model.adapter.visual.n_query: additive fusion adds the {adapter.visual.n_query} visual "
-                f"tokens to the {adapter.prompt_len} adaptation prompt tokens; make them equal"
-            )
-        return LayerPlan(visual_layers=(), prompt_layers=prompt_layers, additive=True)
-    visual_layers = tuple(range(adapter.visual_layers))
-    if set(visual_layers) & set(prompt_layers):
-        raise AdapterConfigError(
-            f"model.adapter.visual_layers: early fusion's first {adapter.visual_layers} visual layers "
-            f"overlap the last {n_prompt} prompt layers of a {n_layers}-layer base model"
-        )
-    return LayerPlan(visual_layers=visual_layers, prompt_layers=prompt_layers, additive=False)
 
 
 @dataclass
@@ -114,6 +64,7 @@ class LlamaAdapterV2(nn.Module):
         self,
         base: LlamaForCausalLM,
         adapter: AdapterConfig,
+        plan: LayerPlan,
         *,
         clip: ClipTower | None = None,
         model_config: ModelConfig | None = None,
@@ -126,7 +77,7 @@ class LlamaAdapterV2(nn.Module):
             )
         self.adapter_config = adapter
         self.model_config = model_config
-        self.plan = plan_layers(adapter, base.config.num_hidden_layers)
+        self.plan = plan
         self.base = base.requires_grad_(False)
         self._wrap_linears()
         self._wrap_attention()
@@ -175,9 +126,10 @@ class LlamaAdapterV2(nn.Module):
 
     def _attach_visual_path(self, clip: ClipTower | None) -> None:
         if clip is None:
+            fusion = "additive" if self.plan.additive else "early"
             raise AdapterConfigError(
-                "model.vision: this adapter config feeds visual prompts "
-                f"({'additive' if self.plan.additive else 'early'} fusion) but no CLIP tower was given"
+                [("model.vision", f"this adapter config feeds visual prompts ({fusion} fusion) "
+                  "but no CLIP tower was given")]
             )
         self.clip = FrozenClipEncoder(clip)
         reference = self.base.lm_head.weight

@@ -24,13 +24,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llama_adapter_v2.config.layer_plan import plan_layers
+from llama_adapter_v2.config.loader import CLIP_MODEL_TYPES, LLAMA_MODEL_TYPES
 from llama_adapter_v2.config.schema import BaseLlamaConfig, Config, VisionTowerConfig
-from llama_adapter_v2.model.adapter import LlamaAdapterV2, plan_layers
+from llama_adapter_v2.model.adapter import LlamaAdapterV2
 from llama_adapter_v2.model.vision import ClipTower
 
 ARCH_ONLY_SEED = 0
-LLAMA_MODEL_TYPES = frozenset({"llama"})
-CLIP_MODEL_TYPES = frozenset({"clip", "clip_vision_model"})
 
 
 class BaseModelError(ValueError):
@@ -45,7 +45,7 @@ def build_model(
     base = build_base(cfg.model.base, device=device, dtype=dtype)
     plan = plan_layers(cfg.model.adapter, base.config.num_hidden_layers)
     clip = build_clip(cfg.model.vision, device=device, dtype=dtype) if plan.uses_images else None
-    model = LlamaAdapterV2(base, cfg.model.adapter, clip=clip, model_config=cfg.model)
+    model = LlamaAdapterV2(base, cfg.model.adapter, plan, clip=clip, model_config=cfg.model)
     return model.to(device=device)
 
 
