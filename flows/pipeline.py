@@ -40,7 +40,7 @@ from prefect.runtime import flow_run
 import llama_adapter_v2  # noqa: F401 - applies the offline environment first
 from llama_adapter_v2.config import Config, load_config
 from llama_adapter_v2.environment import project_root
-from llama_adapter_v2.registry.provenance import UNTRACKED, data_hash
+from llama_adapter_v2.store import UNTRACKED, data_hash, tracking_uri
 
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
 IDENTITY_FILE = "training-identity.txt"
@@ -151,13 +151,13 @@ def train_summary(result: Any) -> dict[str, Any]:
 
 def read_train_result(cfg: Config, seconds: float) -> dict[str, Any]:
     """What a torchrun-launched training left behind: the newest complete checkpoint names its run."""
-    from llama_adapter_v2.train.checkpoint import latest_complete_checkpoint
+    from llama_adapter_v2.train.checkpoint import recorded_run_id
 
     checkpoints = cfg.training.output_dir / "checkpoints"
-    loaded = latest_complete_checkpoint(checkpoints)
-    if loaded is None:
-        raise FileNotFoundError(f"torchrun finished but {checkpoints} holds no complete checkpoint")
-    return {"run_id": loaded.state["run_id"], "adapter_dir": str(cfg.training.output_dir / "adapter"),
+    run_id = recorded_run_id(checkpoints)
+    if run_id is None and cfg.tracking.enabled:
+        raise FileNotFoundError(f"torchrun finished; no complete checkpoint in {checkpoints} names its run")
+    return {"run_id": run_id, "adapter_dir": str(cfg.training.output_dir / "adapter"),
             "checkpoint_dir": str(checkpoints), "final_metrics": {}, "seconds": seconds}
 
 
@@ -375,6 +375,7 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
                                 metrics=metrics, **common)
         decision = promote_flow(version=version["version"], **common)
     summary = {"config_path": config_path, "overrides": overrides, "data_hash": data_version,
+               "tracking_uri": tracking_uri(cfg),
                "train": trained, "metrics": metrics, "version": version, "promotion": decision,
                "metrics_file": str(cfg.training.output_dir / "eval" / "metrics.json")}
     out = project_root() / "artifacts" / "pipeline" / "last-run.json"

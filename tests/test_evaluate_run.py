@@ -77,7 +77,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import mlflow
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    from llama_adapter_v2.registry.tracking import ensure_experiment
+    from llama_adapter_v2.store import ensure_experiment
 
     with mlflow.start_run(experiment_id=ensure_experiment(cfg)) as run:
         run_id = run.info.run_id

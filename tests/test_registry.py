@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from llama_adapter_v2.config import Config, load_config
 from llama_adapter_v2.registry import promote, register
 from llama_adapter_v2.registry.promote import beats
-from llama_adapter_v2.registry.tracking import ensure_experiment, use_tracking
+from llama_adapter_v2.store import ensure_experiment, use_tracking
 
 
 @pytest.fixture(scope="module")

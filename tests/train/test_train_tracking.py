@@ -16,8 +16,9 @@ import pytest
 from live_servers import free_port, start, stop, wait_healthy
 from tiny_project import TINY_STEPS, tiny_config
 
+from llama_adapter_v2.store import TrackingUnavailableError
 from llama_adapter_v2.train.loop import task_schedule, train
-from llama_adapter_v2.train.tracking import TrackingUnavailableError, sync_spills
+from llama_adapter_v2.train.tracking import sync_spills
 
 LAV2 = str(Path(sys.executable).with_name("lav2"))
 

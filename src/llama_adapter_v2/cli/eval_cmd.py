@@ -63,11 +63,12 @@ def evaluate(
     from llama_adapter_v2.evaluate.report import metrics_table
     from llama_adapter_v2.evaluate.run import EvalOptions
     from llama_adapter_v2.evaluate.run import evaluate as run_evaluation
+    from llama_adapter_v2.train.checkpoint import recorded_run_id
 
     cfg = load_or_exit(config, overrides)
     adapter_dir = None if zero_init else adapter or cfg.training.output_dir / "adapter"
     if run_id is None and cfg.tracking.enabled and not zero_init:
-        run_id = _training_run_id(cfg.training.output_dir / "checkpoints")
+        run_id = recorded_run_id(cfg.training.output_dir / "checkpoints")
     options = EvalOptions(
         choice_files=tuple(choices or ()), out_dir=out, run_id=run_id,
         max_images=max_images, max_instructions=max_instructions,
@@ -79,14 +80,6 @@ def evaluate(
         raise typer.Exit(code=2) from None
     typer.echo(metrics_table(metrics))
     typer.echo(f"written to {out or cfg.training.output_dir / 'eval'}")
-
-
-def _training_run_id(checkpoints: Path) -> str | None:
-    """The MLflow run that trained the adapter (recorded in its newest checkpoint), if any."""
-    from llama_adapter_v2.train.checkpoint import latest_complete_checkpoint
-
-    loaded = latest_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
-    return str(loaded.state["run_id"]) if loaded is not None and loaded.state.get("run_id") else None
 
 
 def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> GenerationSettings:

@@ -22,7 +22,7 @@ ENTRYPOINT = "flows/pipeline.py:pipeline"
 HEADLINE_METRICS = ("caption_cider", "caption_bleu_4", "instruction_rouge_l", "instruction_exact_match")
 
 
-def summary_lines(summary: dict[str, Any], tracking_uri: str, wall_seconds: float) -> list[str]:
+def summary_lines(summary: dict[str, Any], wall_seconds: float) -> list[str]:
     """What a person needs after the demo: the version, its alias, the numbers, where to look."""
     version, decision, metrics = summary["version"], summary["promotion"], summary["metrics"]
     headline = [name for name in (decision["metric"], *HEADLINE_METRICS) if name in metrics]
@@ -35,17 +35,15 @@ def summary_lines(summary: dict[str, Any], tracking_uri: str, wall_seconds: floa
         "metrics           " + ", ".join(f"{name}={metrics[name]:.4g}" for name in dict.fromkeys(headline)),
         f"all metrics       {summary['metrics_file']} ({len(metrics)} values)",
         f"wall time         {wall_seconds:.1f} s",
-        f"MLflow UI         .venv/bin/mlflow ui --backend-store-uri {tracking_uri} --port 5000",
+        f"MLflow UI         .venv/bin/mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000",
         "Prefect UI        PREFECT_HOME=.prefect .venv/bin/prefect server start --port 4200",
     ]
 
 
 def pipeline(config: ConfigFile, overrides: Overrides = None) -> None:
     """Run validate-data -> train -> evaluate -> register -> promote and print a summary."""
-    cfg = load_or_exit(config, overrides)  # a bad config fails here, before Prefect starts
+    load_or_exit(config, overrides)  # a bad config fails here, before Prefect starts
     from prefect.flows import load_flow_from_entrypoint
-
-    from llama_adapter_v2.config.locations import tracking_uri
 
     root = project_root()
     os.chdir(root)
@@ -53,4 +51,4 @@ def pipeline(config: ConfigFile, overrides: Overrides = None) -> None:
     started = time.perf_counter()
     summary = flow(config_path=str(Path(config).resolve()), overrides=list(overrides or []))
     seconds = time.perf_counter() - started
-    typer.echo("\n".join(summary_lines(summary, tracking_uri(cfg), seconds)))  # type: ignore[arg-type]
+    typer.echo("\n".join(summary_lines(summary, seconds)))  # type: ignore[arg-type]

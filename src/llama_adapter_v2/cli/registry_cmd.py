@@ -21,16 +21,16 @@ def _read_metrics(path: Path | None) -> dict[str, float] | None:
 
 
 def training_run_id(cfg: object) -> str:
-    """The MLflow run of the newest complete checkpoint (the training that made the adapter)."""
-    from llama_adapter_v2.train.checkpoint import latest_complete_checkpoint
+    """The MLflow run of the training that made the adapter; exit 2 when no checkpoint names one."""
+    from llama_adapter_v2.train.checkpoint import recorded_run_id
 
     checkpoints = cfg.training.output_dir / "checkpoints"  # type: ignore[attr-defined]
-    loaded = latest_complete_checkpoint(checkpoints)
-    if loaded is None or not loaded.state.get("run_id"):
+    run_id = recorded_run_id(checkpoints)
+    if run_id is None:
         typer.secho(f"{checkpoints}: no complete checkpoint with an MLflow run id; pass --run-id",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
-    return str(loaded.state["run_id"])
+    return run_id
 
 
 def _decision_line(decision: object) -> str:

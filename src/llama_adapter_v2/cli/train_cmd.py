@@ -23,8 +23,8 @@ def train(
 ) -> None:
     """Train the adapter of CONFIG (run under `torchrun --nproc_per_node N` for DDP)."""
     _log_to_stderr()
+    from llama_adapter_v2.store import TrackingUnavailableError
     from llama_adapter_v2.train.loop import train as run_training
-    from llama_adapter_v2.train.tracking import TrackingUnavailableError
 
     cfg = load_or_exit(config, overrides)
     try:
@@ -67,7 +67,8 @@ def demo_clip(config: ConfigFile, overrides: Overrides = None) -> None:
 def sync_metrics(config: ConfigFile, overrides: Overrides = None) -> None:
     """Replay tracking records that a run could not deliver (spill files) to the tracking server."""
     _log_to_stderr()
-    from llama_adapter_v2.train.tracking import TrackingUnavailableError, sync_spills
+    from llama_adapter_v2.store import TrackingUnavailableError
+    from llama_adapter_v2.train.tracking import sync_spills
 
     cfg = load_or_exit(config, overrides)
     try:

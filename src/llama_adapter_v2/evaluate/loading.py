@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_adapter_v2.config.locations import embedded_tracking_uri
 from llama_adapter_v2.config.schema import Config
+from llama_adapter_v2.store import embedded_tracking_uri
 
 REGISTRY_PREFIX = "models:/"
 ADAPTER_META = "adapter.json"

@@ -242,7 +242,7 @@ def log_to_mlflow(cfg: Config, metrics: dict[str, float], out: Path, run_id: str
     """Metrics and the eval folder as artifacts, into ``run_id`` or a new run of the experiment."""
     import mlflow
 
-    from llama_adapter_v2.registry.tracking import ensure_experiment
+    from llama_adapter_v2.store import ensure_experiment
 
     experiment_id = ensure_experiment(cfg)
     with mlflow.start_run(

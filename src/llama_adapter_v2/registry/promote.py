@@ -13,7 +13,7 @@ from typing import Literal
 
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.registry.register import METRIC_TAG_PREFIX, TAG_EVALUATION
-from llama_adapter_v2.registry.tracking import use_tracking
+from llama_adapter_v2.store import use_tracking
 
 Outcome = Literal["promoted", "kept", "refused"]
 

@@ -20,8 +20,7 @@ import yaml
 
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.environment import project_root
-from llama_adapter_v2.registry import provenance
-from llama_adapter_v2.registry.tracking import ensure_experiment, use_tracking
+from llama_adapter_v2.store import data_hash, ensure_experiment, git_commit, use_tracking
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME_IN_RUN = "model"
@@ -38,10 +37,29 @@ class RegisteredVersion:
     evaluation: str
 
 
+def config_json(cfg: Config) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+def config_digest(cfg: Config) -> str:
+    """Hash of the resolved config: equal configs give equal digests whatever their YAML layout."""
+    return hashlib.sha256(config_json(cfg).encode()).hexdigest()[:16]
+
+
+def folder_identity(folder: Path) -> str:
+    """sha256 over the names and bytes of the config and weight files of a model folder."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in {".json", ".safetensors", ".model", ".txt"}:
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def component_identity(path: Path | None, arch: object) -> str:
     """A folder's content hash, or for a tower built from ``arch`` the hash of that architecture."""
     if path is not None and path.is_dir():
-        return "sha256:" + provenance.folder_identity(path)
+        return "sha256:" + folder_identity(path)
     arch_json = json.dumps(getattr(arch, "model_dump", dict)(mode="json"), sort_keys=True)
     return "arch-sha256:" + hashlib.sha256(arch_json.encode()).hexdigest()
 
@@ -84,10 +102,10 @@ def _pip_requirements() -> list[str]:
 def version_tags(cfg: Config, metrics: dict[str, float] | None) -> dict[str, str]:
     root = project_root()
     tags = {
-        "git_commit": provenance.git_commit(root),
-        "data_hash": provenance.data_hash(root),
+        "git_commit": git_commit(root),
+        "data_hash": data_hash(root),
         "config": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
-        "config_digest": provenance.config_digest(cfg),
+        "config_digest": config_digest(cfg),
         TAG_EVALUATION: evaluation_status(metrics),
         **model_identity(cfg),
     }
@@ -114,7 +132,7 @@ def register(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PYFUNC_CODE),
             artifacts={"adapter": str(adapter_dir)},
-            model_config={"config": provenance.config_json(cfg), **model_identity(cfg)},
+            model_config={"config": config_json(cfg), **model_identity(cfg)},
             signature=_signature(),
             pip_requirements=_pip_requirements(),
         )

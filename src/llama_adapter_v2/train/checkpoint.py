@@ -176,6 +176,13 @@ def latest_complete_checkpoint(root: Path) -> LoadedCheckpoint | None:
     return None
 
 
+def recorded_run_id(root: Path) -> str | None:
+    """The MLflow run of the training that wrote ``root``'s checkpoints: its newest complete one says."""
+    loaded = latest_complete_checkpoint(root) if root.is_dir() else None
+    run_id = loaded.state.get("run_id") if loaded is not None else None
+    return str(run_id) if run_id else None
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     """Remove all but the newest ``keep_last`` step folders and leftover temporary folders."""
     removed = [folder for _, folder in step_checkpoints(root)[keep_last:]]

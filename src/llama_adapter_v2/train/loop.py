@@ -424,10 +424,10 @@ def open_tracking(cfg: Config, ctx: DistContext, trainer: Trainer) -> Tracker:
     """Rank 0 logs to MLflow (reopening the checkpoint's run on resume); other ranks log nothing."""
     if not (cfg.tracking.enabled and ctx.is_main):
         return Tracker()
-    from llama_adapter_v2.config.locations import tracking_uri
     from llama_adapter_v2.environment import project_root
     from llama_adapter_v2.model.checkpoint import base_identity
-    from llama_adapter_v2.train.tracking import data_dvc_hash, git_commit, open_tracker
+    from llama_adapter_v2.store import data_hash, git_commit, tracking_uri
+    from llama_adapter_v2.train.tracking import open_tracker
 
     resumed = trainer.run_id is not None
     tracker = open_tracker(cfg, resume_run_id=trainer.run_id)
@@ -438,7 +438,7 @@ def open_tracking(cfg: Config, ctx: DistContext, trainer: Trainer) -> Tracker:
         root = project_root()
         identity = base_identity(trainer.model.base.config)
         tracker.set_tags({
-            "git_commit": git_commit(root), "data_dvc_md5": data_dvc_hash(root),
+            "git_commit": git_commit(root), "data_dvc_md5": data_hash(root),
             "base_model": f"{identity['architecture']} {identity['config_sha256'][:12]}",
             "base_config_sha256": identity["config_sha256"], "base_path": str(cfg.model.base.path),
             "world_size": str(ctx.world_size),
@@ -526,8 +526,7 @@ def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResul
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
     """Train the adapter as ``cfg`` says; under ``torchrun`` each process calls this."""
-    from llama_adapter_v2.config.locations import tracking_uri
-    from llama_adapter_v2.train.tracking import check_reachable
+    from llama_adapter_v2.store import check_reachable, tracking_uri
 
     started = time.perf_counter()
     ctx = init_distributed(cfg.training)

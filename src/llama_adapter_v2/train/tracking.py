@@ -13,17 +13,14 @@ import json
 import logging
 import os
 import queue
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from llama_adapter_v2.config.locations import artifact_root, tracking_uri
 from llama_adapter_v2.config.schema import Config
+from llama_adapter_v2.store import check_reachable, ensure_experiment, tracking_uri, use_tracking
 
 LOG = logging.getLogger(__name__)
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
@@ -32,35 +29,10 @@ MAX_PARAM_CHARS = 6000
 Record = dict[str, Any]
 
 
-class TrackingUnavailableError(RuntimeError):
-    """The configured tracking server cannot be reached when the run starts."""
-
-
-
-
 def _quiet_http_client() -> None:
     """One quick attempt per request: retrying is the spill file's job, not a blocking backoff."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast with a clear message when an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    health = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health, timeout=timeout_s) as response:
-            if response.status != 200:
-                raise TrackingUnavailableError(
-                    f"MLflow tracking server {uri} answered {response.status} on /health"
-                )
-    except (urllib.error.URLError, OSError) as err:
-        raise TrackingUnavailableError(
-            f"MLflow tracking server {uri} is unreachable ({err}). Start it (for example "
-            f"`mlflow server --host 127.0.0.1 --port <port>`) or set tracking.uri to a sqlite:/// store; "
-            f"nothing was trained."
-        ) from None
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -74,27 +46,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
             flat[name] = text[:MAX_PARAM_CHARS]
     return flat
-
-
-def git_commit(root: Path) -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
-def data_dvc_hash(root: Path) -> str:
-    """The md5 that ``data.dvc`` records for the data folder (the data version of the run)."""
-    import yaml
-
-    path = root / "data.dvc"
-    if not path.is_file():
-        return "absent"
-    outs = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("outs") or []
-    return str(outs[0].get("md5", "unknown")) if outs else "unknown"
 
 
 # --------------------------------------------------------------------------- delivery
@@ -283,30 +234,15 @@ def spill_path(cfg: Config, run_id: str) -> Path:
     return cfg.training.output_dir / "tracking" / f"spill-{run_id}.jsonl"
 
 
-def _experiment_id(client: Any, cfg: Config, uri: str) -> str:
-    existing = client.get_experiment_by_name(cfg.tracking.experiment)
-    if existing is not None:
-        return str(existing.experiment_id)
-    location = None
-    if not uri.startswith(("http://", "https://")):
-        location = (artifact_root(cfg) / cfg.tracking.experiment).resolve().as_uri()
-    return str(client.create_experiment(cfg.tracking.experiment, artifact_location=location))
-
-
 def open_tracker(cfg: Config, *, resume_run_id: str | None, run_name: str | None = None) -> MlflowTracker:
     """Connect (failing fast if unreachable), create or reopen the run, log params and tags."""
     _quiet_http_client()
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    from mlflow import MlflowClient
-
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
+    check_reachable(tracking_uri(cfg))
+    client = use_tracking(cfg)
     if resume_run_id is not None:
         client.update_run(resume_run_id, status="RUNNING")
         return MlflowTracker(client, resume_run_id, spill_path(cfg, resume_run_id))
-    run = client.create_run(_experiment_id(client, cfg, uri), run_name=run_name or cfg.name)
+    run = client.create_run(ensure_experiment(cfg), run_name=run_name or cfg.name)
     tracker = MlflowTracker(client, run.info.run_id, spill_path(cfg, run.info.run_id))
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
     return tracker
@@ -315,11 +251,8 @@ def open_tracker(cfg: Config, *, resume_run_id: str | None, run_name: str | None
 def sync_spills(cfg: Config, spills: Iterable[Path] | None = None) -> dict[str, tuple[int, int]]:
     """Replay every spill file of the run folder; returns {file: (delivered, remaining)}."""
     _quiet_http_client()
-    uri = tracking_uri(cfg)
-    check_reachable(uri)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    check_reachable(tracking_uri(cfg))
+    client = use_tracking(cfg)
     if spills is None:
         spills = (cfg.training.output_dir / "tracking").glob("spill-*.jsonl")
     files = sorted(spills)
