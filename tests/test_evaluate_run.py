@@ -170,8 +170,8 @@ def test_metrics_and_table_logged_to_the_given_mlflow_run(tiny_run: dict[str, An
 
 
 def test_cli_generate_and_chat_on_an_adapter_folder(tiny_run: dict[str, Any]) -> None:
-    from llama_adapter_v2.evaluate.chat import ChatSession
-    from llama_adapter_v2.evaluate.generation import GenerationSettings, generate_texts, instruction_prompt
+    from llama_adapter_v2.infer.chat import ChatSession
+    from llama_adapter_v2.infer.generation import GenerationSettings, generate_texts, instruction_prompt
     from llama_adapter_v2.model.build import load_tokenizer
 
     model, tokenizer = tiny_run["model"], load_tokenizer(tiny_run["cfg"])

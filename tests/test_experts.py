@@ -22,9 +22,9 @@ from llama_adapter_v2.experts import (
     ExpertUnavailableError,
     build_expert,
     build_experts,
-    expert_context,
     registered_experts,
 )
+from llama_adapter_v2.infer.expert_text import expert_context
 
 DEJAVU_SANS = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
 TESSERACT = ExpertConfig(kind="ocr", engine="tesseract")
@@ -114,7 +114,7 @@ def test_registry_lists_builtin_experts() -> None:
 def test_caption_expert_captions_like_the_model_it_loads(tmp_path: Path, rapidocr) -> None:
     from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
-    from llama_adapter_v2.evaluate.generation import GenerationSettings, caption_prompt, generate_texts
+    from llama_adapter_v2.infer.generation import GenerationSettings, caption_prompt, generate_texts
     from llama_adapter_v2.model.build import build_model, load_tokenizer
     from llama_adapter_v2.model.checkpoint import save_adapter
 

@@ -11,14 +11,21 @@ import torch
 from PIL import Image
 from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
-from llama_adapter_v2.evaluate.chat import (
+from llama_adapter_v2.evaluate.multiple_choice import (
+    ChoiceFileError,
+    ChoiceItem,
+    choice_log_likelihoods,
+    read_choice_items,
+    score_multiple_choice,
+)
+from llama_adapter_v2.infer.chat import (
     ChatSession,
     ContextTooLongError,
     answer,
     conversation_prompt,
     reply,
 )
-from llama_adapter_v2.evaluate.generation import (
+from llama_adapter_v2.infer.generation import (
     GenerationSettings,
     Prompt,
     caption_prompt,
@@ -26,13 +33,6 @@ from llama_adapter_v2.evaluate.generation import (
     generate_texts,
     instruction_prompt,
     prompt_ids,
-)
-from llama_adapter_v2.evaluate.multiple_choice import (
-    ChoiceFileError,
-    ChoiceItem,
-    choice_log_likelihoods,
-    read_choice_items,
-    score_multiple_choice,
 )
 
 GREEDY = GenerationSettings(max_new_tokens=10, stop=())
@@ -236,7 +236,7 @@ def test_choice_files_in_mmlu_layout_and_their_errors(tmp_path: Path) -> None:
 
 
 def test_batch_requests_answer_good_lines_and_name_bad_ones(tiny: tuple[Any, Any], tmp_path: Path) -> None:
-    from llama_adapter_v2.evaluate.batch import answer_requests
+    from llama_adapter_v2.infer.batch import answer_requests
 
     model, tokenizer = tiny
     images = tmp_path / "images"

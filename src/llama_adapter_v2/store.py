@@ -28,7 +28,6 @@ UNTRACKED = "untracked"
 RUN_PREFIX = "runs:/"
 REGISTRY_PREFIX = "models:/"
 RUN_ADAPTER_PATH = "adapter"  # where training logs the final adapter in its run
-ADAPTER_META = "adapter.json"
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -121,19 +120,15 @@ def is_store_uri(source: str) -> bool:
     return source.startswith((REGISTRY_PREFIX, RUN_PREFIX))
 
 
-def download_adapter(source: str, tracking: str | None = None, dst: Path | None = None) -> Path:
-    """The adapter folder of ``models:/name@alias`` (or ``/version``) or of a training run
-    (``runs:/<run id>``: its ``adapter`` artifact), downloaded from the store."""
+def download(source: str, tracking: str | None = None, dst: Path | None = None) -> Path:
+    """What ``models:/name@alias`` (or ``/version``) holds, or a training run (``runs:/<run id>``:
+    its ``adapter`` artifact), downloaded from the store (``tracking``, else the default store)."""
     use_store(tracking or default_tracking_uri())
     artifact = source
     if source.startswith(RUN_PREFIX) and "/" not in source.removeprefix(RUN_PREFIX).strip("/"):
         artifact = f"{source.rstrip('/')}/{RUN_ADAPTER_PATH}"
     target = dst or Path(tempfile.mkdtemp(prefix="lav2-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=str(target)))
-    found = sorted(local.rglob(ADAPTER_META))
-    if not found:
-        raise FileNotFoundError(f"{source}: holds no adapter folder (no {ADAPTER_META})")
-    return found[0].parent
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact, dst_path=str(target)))
 
 
 # --------------------------------------------------------------------------- provenance

@@ -11,7 +11,7 @@ import typer
 from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
 
 if TYPE_CHECKING:
-    from llama_adapter_v2.evaluate.generation import GenerationSettings
+    from llama_adapter_v2.infer.generation import GenerationSettings
 
 ModelSource = Annotated[
     str,
@@ -83,7 +83,7 @@ def evaluate(
 
 
 def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> GenerationSettings:
-    from llama_adapter_v2.evaluate.generation import GenerationSettings
+    from llama_adapter_v2.infer.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
@@ -105,7 +105,7 @@ def _experts(names: list[str] | None, caption_model: str | None) -> list[Any]:
 
 
 def _load(model: str) -> Any:
-    from llama_adapter_v2.evaluate.loading import load_for_inference
+    from llama_adapter_v2.infer.loading import load_for_inference
 
     try:
         return load_for_inference(model)
@@ -148,8 +148,8 @@ def generate(
     seed: Seed = 0,
 ) -> None:
     """Answer one instruction (about an optional image), or every line of --requests into --out."""
-    from llama_adapter_v2.evaluate.generation import generate_texts, instruction_prompt
-    from llama_adapter_v2.experts import expert_context
+    from llama_adapter_v2.infer.expert_text import expert_context
+    from llama_adapter_v2.infer.generation import generate_texts, instruction_prompt
 
     if (prompt is None) == (requests is None):
         raise typer.BadParameter("give --prompt (one answer) or --requests with --out (a file of them)")
@@ -158,7 +158,7 @@ def generate(
     loaded = _load(model)
     settings = _settings(max_new_tokens, temperature, top_p, seed)
     if requests is not None and out is not None:
-        from llama_adapter_v2.evaluate.batch import answer_requests
+        from llama_adapter_v2.infer.batch import answer_requests
 
         answered, failed = answer_requests(
             loaded.model, loaded.tokenizer, requests, out, settings=settings, image_root=image_root
@@ -185,7 +185,7 @@ def chat(
     seed: Seed = 0,
 ) -> None:
     """Multi-turn chat in the terminal (empty line or Ctrl-D ends it); history trimmed to fit."""
-    from llama_adapter_v2.evaluate.chat import ChatSession, ContextTooLongError
+    from llama_adapter_v2.infer.chat import ChatSession, ContextTooLongError
 
     loaded = _load(model)
     session = ChatSession(

@@ -18,21 +18,20 @@ def fold(
     With prompts: OUT/base is the folded Llama and OUT an adapter folder keeping prompts and gates."""
     from rich.console import Console
 
-    from llama_adapter_v2.config.schema import Config
-    from llama_adapter_v2.model.build import BaseModelError, build_model
-    from llama_adapter_v2.model.checkpoint import AdapterMismatchError, load_adapter, saved_model_config
+    from llama_adapter_v2.infer.loading import model_from_adapter
+    from llama_adapter_v2.model.build import BaseModelError
+    from llama_adapter_v2.model.checkpoint import AdapterMismatchError
     from llama_adapter_v2.model.fold import export_folded
 
     console = Console(stderr=True)
     try:
-        model_config = saved_model_config(adapter)
         with console.status(f"building the base of {adapter} and loading the adapter"):
-            model = load_adapter(build_model(Config(name="fold", model=model_config)), adapter)
+            model, cfg = model_from_adapter(adapter)
     except (FileNotFoundError, AdapterMismatchError, BaseModelError) as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
     with console.status(f"folding into {out}"):
-        stock = export_folded(model, out, tokenizer_from=model_config.base.path)
+        stock = export_folded(model, out, tokenizer_from=cfg.model.base.path)
     if stock == out:
         typer.echo(
             f"{out}: stock transformers Llama (attention_bias and mlp_bias on); no project code needed"

@@ -382,6 +382,10 @@ class TrainingConfig(Strict):
     demo_base: DemoBaseTraining = Field(default_factory=DemoBaseTraining)
     demo_clip: DemoClipTraining = Field(default_factory=DemoClipTraining)
 
+    def max_tokens(self, task: Literal["caption", "instruction"]) -> int:
+        """A task's sample length limit, in training and in the held-out loss alike."""
+        return self.max_tokens_caption if task == "caption" else self.max_tokens_instruction
+
 
 # --------------------------------------------------------------------------- tracking
 

@@ -24,6 +24,7 @@ from typing import Any
 from llama_adapter_v2.config.schema import Config
 from llama_adapter_v2.data.readers import RawRecord, read_coco_listing, read_instructions
 from llama_adapter_v2.data.records import Kind, Record
+from llama_adapter_v2.data.shards import Split, write_shards
 
 KINDS: tuple[Kind, ...] = ("caption", "instruction")
 SUITE_OF: dict[Kind, str] = {"caption": "captions", "instruction": "instructions"}
@@ -47,6 +48,10 @@ class DataPaths:
 
     def jsonl(self, folder: Path, kind: Kind) -> Path:
         return folder / f"{kind}s.jsonl"
+
+    def split(self, kind: Kind, split: Split) -> Path:
+        """One split's shard folder, as ``shard`` writes it (``write_shards`` into ``shards/<kind>``)."""
+        return self.shards / kind / split
 
 
 def write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
@@ -295,8 +300,6 @@ def render_report(summary: dict[str, Any], outcomes: dict[Kind, dict[str, Any]])
 
 def shard(cfg: Config, root: Path) -> dict[str, dict[str, int]]:
     """Write ``shards/{caption,instruction}/{train,holdout}`` from the validated records."""
-    from llama_adapter_v2.data.shards import write_shards
-
     paths = DataPaths(cfg.data.work_dir)
     counts: dict[str, dict[str, int]] = {}
     for kind in KINDS:

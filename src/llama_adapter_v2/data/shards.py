@@ -19,10 +19,12 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from PIL import Image
 
 from llama_adapter_v2.data.formatting import IGNORE_INDEX, Tokenizer, encode_full, truncate
 from llama_adapter_v2.data.records import Kind, Record
@@ -199,34 +201,59 @@ class RememberingTokenizer:
         return list(ids)
 
 
-class ShardSamples:
-    """Map-style dataset over one shard folder: reads a sample by its byte range and encodes it."""
+class ShardReader:
+    """The one reader of a shard folder: a sample's record and original image bytes by byte range."""
 
-    def __init__(self, folder: Path, index: ShardIndex, tokenizer: Tokenizer, max_tokens: int,
-                 image_transform: Callable[[Any], Any] | None):
-        self.folder, self.index = folder, index
-        self.tokenizer = RememberingTokenizer(tokenizer)
-        self.max_tokens, self.image_transform = max_tokens, image_transform
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self.index = ShardIndex.load(self.folder)
 
     def __len__(self) -> int:
         return self.index.count
 
-    def _read(self, shard: int, span: tuple[int, int]) -> bytes:
+    def _bytes(self, shard: int, span: tuple[int, int]) -> bytes:
         with (self.folder / self.index.shards[shard]["file"]).open("rb") as handle:
             handle.seek(span[0])
             return handle.read(span[1])
 
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        from PIL import Image
-
+    def record(self, position: int) -> Record:
         entry = self.index.samples[position]
-        record = Record.from_dict(json.loads(self._read(entry.shard, entry.json)))
+        return Record.from_dict(json.loads(self._bytes(entry.shard, entry.json)))
+
+    def image_bytes(self, position: int) -> bytes | None:
+        entry = self.index.samples[position]
+        return None if entry.image is None else self._bytes(entry.shard, entry.image)
+
+    def __iter__(self) -> Iterator[tuple[Record, bytes | None]]:
+        """Every sample in index order."""
+        for position in range(len(self)):
+            yield self.record(position), self.image_bytes(position)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as raw:
+        return raw.convert("RGB")
+
+
+class ShardSamples:
+    """Map-style dataset over one shard folder: reads a sample and encodes it for training."""
+
+    def __init__(self, reader: ShardReader, tokenizer: Tokenizer, max_tokens: int,
+                 image_transform: Callable[[Any], Any] | None):
+        self.reader = reader
+        self.tokenizer = RememberingTokenizer(tokenizer)
+        self.max_tokens, self.image_transform = max_tokens, image_transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        record = self.reader.record(position)
         full_ids, full_labels = encode_full(record, self.tokenizer)
         input_ids, labels = truncate(full_ids, full_labels, self.max_tokens)
         image = None
-        if entry.image is not None and self.image_transform is not None:
-            with Image.open(io.BytesIO(self._read(entry.shard, entry.image))) as raw:
-                image = self.image_transform(raw.convert("RGB"))
+        if self.image_transform is not None and (data := self.reader.image_bytes(position)) is not None:
+            image = self.image_transform(decode_rgb(data))
         return {"id": record.id, "input_ids": input_ids, "labels": labels, "image": image,
                 "truncated": len(full_ids) > len(input_ids)}
 
@@ -275,10 +302,9 @@ def make_loader(shard_dir: Path | str, *, tokenizer: Any, batch_size: int, max_t
     """Batches of one shard folder for one epoch on one rank (see the module docstring)."""
     from torch.utils.data import DataLoader
 
-    folder = Path(shard_dir)
-    index = ShardIndex.load(folder)
-    order = epoch_order(index.count, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    reader = ShardReader(shard_dir)
+    order = epoch_order(len(reader), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][skip_batches:]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dataset = ShardSamples(folder, index, tokenizer, max_tokens, image_transform)
+    dataset = ShardSamples(reader, tokenizer, max_tokens, image_transform)
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_Collator(pad_id))

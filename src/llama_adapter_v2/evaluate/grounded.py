@@ -25,7 +25,7 @@ from PIL import Image
 from llama_adapter_v2.config.schema import GroundedSource
 from llama_adapter_v2.data.formatting import alpaca_prompt
 from llama_adapter_v2.data.records import CAPTION_INSTRUCTION
-from llama_adapter_v2.evaluate.generation import GenerationSettings, Prompt, generate_texts
+from llama_adapter_v2.infer.generation import GenerationSettings, Prompt, generate_texts
 
 CLIP_MEAN_RGB = (123, 117, 104)  # round(255 * CLIP_MEAN): a blank image is zero after normalisation
 COLOUR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "gray", "black")

@@ -16,13 +16,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llama_adapter_v2.data.formatting import alpaca_prompt
-from llama_adapter_v2.evaluate.generation import prompt_ids
-
-if TYPE_CHECKING:
-    from llama_adapter_v2.model import LlamaAdapterV2
+from llama_adapter_v2.infer.likelihood import continuation_log_likelihoods
+from llama_adapter_v2.model.adapter import LlamaAdapterV2
 
 
 class ChoiceFileError(ValueError):
@@ -84,28 +82,7 @@ def choice_log_likelihoods(
     model: LlamaAdapterV2, tokenizer: Any, item: ChoiceItem
 ) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each choice after the question's prompt."""
-    import torch
-
-    context = prompt_ids(tokenizer, alpaca_prompt(item.question, ""))
-    continuations = [tokenizer.encode(choice, add_special_tokens=False) for choice in item.choices]
-    rows = [context + cont for cont in continuations]
-    width = max(len(row) for row in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for index, row in enumerate(rows):  # right padding: positions stay those of the lone sequence
-        ids[index, : len(row)] = torch.tensor(row)
-        mask[index, : len(row)] = 1
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(ids.to(device), attention_mask=mask.to(device)).logits.float()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    scores = []
-    for index, cont in enumerate(continuations):
-        positions = torch.arange(len(context) - 1, len(context) - 1 + len(cont), device=device)
-        targets = torch.tensor(cont, device=device)
-        scores.append((float(log_probs[index, positions, targets].sum()), len(cont)))
-    return scores
+    return continuation_log_likelihoods(model, tokenizer, alpaca_prompt(item.question, ""), item.choices)
 
 
 def score_multiple_choice(

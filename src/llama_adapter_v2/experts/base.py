@@ -1,35 +1,21 @@
-"""The expert interface (image -> text) and the registry that builds experts by name.
+"""The registry that builds experts by name (the interface they meet is ``infer.expert_text``).
 
-Experts are the paper's plug-ins (METHOD.md section 1): their text describes the image to the
-language model through the template's input slot, so a stronger captioner or an OCR engine adds
-knowledge without retraining the adapter. Which experts run is chosen per request.
+Which experts run is chosen per request (docs/METHOD.md §1).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
-
-from PIL import Image
 
 from llama_adapter_v2.config.schema import ExpertConfig
+from llama_adapter_v2.infer.expert_text import Expert
 
 log = logging.getLogger(__name__)
 
 
 class ExpertUnavailableError(RuntimeError):
     """An expert's binary, language data or model is missing."""
-
-
-@runtime_checkable
-class Expert(Protocol):
-    """Turns an image into text that is placed in the prompt's input slot."""
-
-    name: str
-    label: str
-
-    def describe(self, image: Image.Image) -> str: ...
 
 
 ExpertFactory = Callable[[ExpertConfig], Expert]
@@ -68,13 +54,3 @@ def build_expert(cfg: ExpertConfig) -> Expert | None:
 def build_experts(cfgs: Sequence[ExpertConfig]) -> list[Expert]:
     return [expert for expert in (build_expert(cfg) for cfg in cfgs) if expert is not None]
 
-
-def expert_context(experts: Sequence[Expert], image: Image.Image | None, given_input: str = "") -> str:
-    """The text for the input slot: the caller's input, then one labelled line per expert."""
-    lines = [given_input.strip()] if given_input.strip() else []
-    if image is not None:
-        for expert in experts:
-            text = expert.describe(image).strip()
-            if text:
-                lines.append(f"{expert.label}: {text}")
-    return "\n".join(lines)

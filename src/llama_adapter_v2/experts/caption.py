@@ -23,8 +23,8 @@ class CaptionExpert:
     label = "Caption"
 
     def __init__(self, source: str | Path, max_new_tokens: int = 32) -> None:
-        from llama_adapter_v2.evaluate.generation import GenerationSettings
-        from llama_adapter_v2.evaluate.loading import load_for_inference
+        from llama_adapter_v2.infer.generation import GenerationSettings
+        from llama_adapter_v2.infer.loading import load_for_inference
 
         try:
             self.loaded = load_for_inference(source)
@@ -35,7 +35,7 @@ class CaptionExpert:
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens)
 
     def describe(self, image: Image.Image) -> str:
-        from llama_adapter_v2.evaluate.generation import caption_prompt, generate_texts
+        from llama_adapter_v2.infer.generation import caption_prompt, generate_texts
 
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         [caption] = generate_texts(model, tokenizer, [caption_prompt(image)], self.settings)

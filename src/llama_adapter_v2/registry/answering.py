@@ -31,10 +31,8 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
     """Answers questions about an image with the adapted frozen Llama."""
 
     def load_context(self, context: Any) -> None:
-        import torch
-
-        from llama_adapter_v2.model.build import build_model, load_tokenizer
-        from llama_adapter_v2.model.checkpoint import load_adapter
+        from llama_adapter_v2.infer.loading import inference_model
+        from llama_adapter_v2.model.build import load_tokenizer
         from llama_adapter_v2.registry.register import model_identity
 
         settings = context.model_config
@@ -46,15 +44,13 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
                     f"{key.split('_')[0]} model changed since registration: registered {settings[key]}, "
                     f"found {found[key]} at {found[key.replace('identity', 'path')] or '(built from arch)'}"
                 )
-        self.model = build_model(self.cfg, device="cpu", dtype=torch.float32)
-        load_adapter(self.model, context.artifacts["adapter"])
-        self.model.eval()
+        self.model = inference_model(self.cfg, context.artifacts["adapter"])
         self.tokenizer = load_tokenizer(self.cfg)
         self.limits = ImageLimits.for_config(self.cfg)
 
     def _answer(self, image: Any, instruction: str, history: list[tuple[str, str]], max_new: int) -> str:
-        from llama_adapter_v2.evaluate.chat import ContextTooLongError, answer
-        from llama_adapter_v2.evaluate.generation import GenerationSettings
+        from llama_adapter_v2.infer.chat import ContextTooLongError, answer
+        from llama_adapter_v2.infer.generation import GenerationSettings
 
         try:
             return answer(self.model, self.tokenizer, image, instruction, history,  # type: ignore[arg-type]

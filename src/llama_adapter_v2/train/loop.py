@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 from llama_adapter_v2.config.schema import Config, TrainingConfig
+from llama_adapter_v2.data.pipeline import DataPaths
+from llama_adapter_v2.data.shards import ShardIndex
+from llama_adapter_v2.infer.holdout import holdout_loss_sums, mean_loss, to_device
 from llama_adapter_v2.train import checkpoint as ckpt
 from llama_adapter_v2.train.distributed import (
     DistContext,
@@ -78,10 +81,6 @@ def steps_per_group(schedule: list[Task], training: TrainingConfig) -> dict[str,
 # --------------------------------------------------------------------------- data
 
 
-def shard_dir(cfg: Config, task: Task, split: str) -> Path:
-    return cfg.data.work_dir / "shards" / task / split
-
-
 @dataclass
 class TaskStream:
     """Endless batches of one task, with the (epoch, batches consumed) position that resumes it."""
@@ -129,14 +128,6 @@ class LossOf(nn.Module):
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images,
                             image_mask=image_mask)
         return output.loss
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def supervised_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != -100).sum())
 
 
 # --------------------------------------------------------------------------- result
@@ -199,17 +190,16 @@ class Trainer:
         self.truncation_warned: set[str] = set()
 
     def _loader_args(self, task: Task) -> dict[str, Any]:
-        training = self.training
-        max_tokens = training.max_tokens_caption if task == "caption" else training.max_tokens_instruction
         return {
-            "tokenizer": self.tokenizer, "batch_size": self.training.batch_size, "max_tokens": max_tokens,
+            "tokenizer": self.tokenizer, "batch_size": self.training.batch_size,
+            "max_tokens": self.training.max_tokens(task),
             "image_transform": self.model.image_transform, "seed": self.training.seed,
             "rank": self.ctx.rank, "world_size": self.ctx.world_size,
             "num_workers": self.cfg.data.shards.loader_workers,
         }
 
     def _stream(self, task: Task, split: str) -> TaskStream:
-        return TaskStream(task, shard_dir(self.cfg, task, split), self._loader_args(task))
+        return TaskStream(task, DataPaths(self.cfg.data.work_dir).split(task, split), self._loader_args(task))
 
     # ------------------------------------------------------------------ one step
 
@@ -277,29 +267,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def holdout_losses(self) -> dict[str, float]:
         """Token-weighted mean loss over each task's whole held-out split (all ranks together)."""
-        from llama_adapter_v2.data.shards import ShardIndex, make_loader
-
         self.model.set_trainable([])
         self.wrapped.eval()
         results: dict[str, float] = {}
         for task in TASKS:
-            folder = shard_dir(self.cfg, task, "holdout")
+            folder = DataPaths(self.cfg.data.work_dir).split(task, "holdout")
             if not (folder / "index.json").is_file() or ShardIndex.load(folder).count < self.ctx.world_size:
                 continue
-            total = torch.zeros(2, dtype=torch.float64)
-            for raw in make_loader(folder, epoch=0, **self._loader_args(task)):
-                batch = to_device(raw, self.ctx.device)
-                with self.precision.autocast():
-                    loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      labels=batch["labels"], images=batch["images"],
-                                      image_mask=batch.get("has_image")).loss
-                tokens = supervised_tokens(batch["labels"])
-                total += torch.tensor([float(loss) * tokens, tokens], dtype=torch.float64)
-            total = all_reduce_sum(total, self.ctx)
-            results[task] = float(total[0] / total[1].clamp(min=1))
+            sums = holdout_loss_sums(self.model, self.tokenizer, self.cfg, task, device=self.ctx.device,
+                                     autocast=self.precision.autocast, rank=self.ctx.rank,
+                                     world_size=self.ctx.world_size)
+            results[task] = mean_loss(all_reduce_sum(sums, self.ctx))
             self.history["holdout"].append([self.step, task, results[task]])
         reshard(self.model)
         self.model.set_trainable(["visual", "language"])

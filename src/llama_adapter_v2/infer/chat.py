@@ -2,7 +2,7 @@
 
 The same functions serve the terminal (``lav2 chat``) and the registered pyfunc's ``history``
 input: one question without history uses the Alpaca template (expert text in its input slot),
-a question with history uses the chat template of METHOD.md section 5. When the prompt and the
+a question with history uses the chat template of docs/METHOD.md §5. When the prompt and the
 answer would not fit in the base model's positions, whole exchanges are dropped from the start.
 """
 
@@ -16,8 +16,8 @@ from PIL import Image
 
 from llama_adapter_v2.data.formatting import alpaca_prompt, prompt_text
 from llama_adapter_v2.data.records import Record, Role, Turn
-from llama_adapter_v2.evaluate.generation import GenerationSettings, Prompt, generate_texts, prompt_ids
-from llama_adapter_v2.experts.base import Expert, expert_context
+from llama_adapter_v2.infer.expert_text import Expert, expert_context
+from llama_adapter_v2.infer.generation import GenerationSettings, Prompt, generate_texts, prompt_ids
 
 if TYPE_CHECKING:
     from llama_adapter_v2.model import LlamaAdapterV2

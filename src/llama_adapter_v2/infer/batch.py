@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from llama_adapter_v2.evaluate.generation import (
+from llama_adapter_v2.infer.generation import (
     GenerationSettings,
     Prompt,
     generate_texts,
