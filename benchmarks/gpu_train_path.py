@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_train_path --preset gpu-7b --frozen-dtype float32   # the old storage
     python -m benchmarks.gpu_train_path --preset tiny --device cpu      # what the tests run
 
-It runs what ``Trainer.train_step`` runs, minus the data loader: the project's model built in
+It runs what ``train.step.train_step`` runs, minus the data loader: the project's model built in
 the precision's storage dtype with fp32 trainables, ``LossOf``, the per-group AdamW with its
 schedule and clipping, and ``Precision.autocast``, alternating caption steps (visual group,
 images) and instruction steps (language group, text). It prints one ``BENCH-RESULT`` line:
@@ -24,23 +24,23 @@ import torch
 from benchmarks import batches, measure
 from benchmarks.cases import project_config
 from benchmarks.spec import Spec, preset, with_workload
-from llama_adapter_v2.train.loop import GROUP_OF_TASK
+from llama_adapter_v2.train.schedule import GROUP_OF_TASK
 
 
 def build(spec: Spec, frozen_dtype: torch.dtype | None, steps: int) -> tuple[Any, Any, dict[str, Any]]:
     """Model, loss wrapper and per-group optimisers exactly as the trainer makes them."""
     from llama_adapter_v2.model.build import build_model
-    from llama_adapter_v2.train.loop import LossOf
     from llama_adapter_v2.train.optim import Precision, build_group_optimizer, keep_trainable_in_fp32
+    from llama_adapter_v2.train.trainer import LossOf
 
     cfg = project_config(spec, visual=True)
     precision = Precision(spec.workload.device, "bf16")
     model = build_model(cfg, device=spec.workload.device, dtype=frozen_dtype or precision.frozen_dtype)
-    groups = model.parameter_groups()
-    keep_trainable_in_fp32(groups)
+    declared = model.adapter_parameters()
+    keep_trainable_in_fp32(declared)
     optimisers = {
-        name: build_group_optimizer(name, groups[name], getattr(cfg.training, name), cfg.training,
-                                    total_steps=steps)
+        name: build_group_optimizer(name, [p for p in declared if p.trainable.group == name],
+                                    getattr(cfg.training, name), cfg.training, total_steps=steps)
         for name in ("visual", "language")
     }
     return model, LossOf(model), {"precision": precision, "optimisers": optimisers}

@@ -15,7 +15,8 @@ from tiny_project import tiny_config
 
 from llama_adapter_v2.model.sharding import full_tensor
 from llama_adapter_v2.train.distributed import init_distributed, shutdown
-from llama_adapter_v2.train.loop import GROUP_OF_TASK, Trainer
+from llama_adapter_v2.train.schedule import GROUP_OF_TASK
+from llama_adapter_v2.train.trainer import Trainer
 
 
 def main(config: Path, out: Path) -> None:

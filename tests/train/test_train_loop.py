@@ -12,7 +12,10 @@ from tiny_project import ONE_PROCESS_HOLDOUT, PINNED_LOSSES, TINY_STEPS, tiny_co
 from llama_adapter_v2.config import load_config
 from llama_adapter_v2.config.schema import TrainingConfig
 from llama_adapter_v2.train.distributed import DistContext, wrap_for_training
-from llama_adapter_v2.train.loop import Trainer, steps_per_group, task_schedule, train
+from llama_adapter_v2.train.loop import holdout_losses, train
+from llama_adapter_v2.train.schedule import steps_per_group, task_schedule
+from llama_adapter_v2.train.step import train_step
+from llama_adapter_v2.train.trainer import Trainer
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 PINNED_TASKS = ["caption", "instruction", "instruction", "caption", "instruction", "caption",
@@ -51,7 +54,7 @@ def test_a_step_changes_only_its_own_group_bit_for_bit(
     for _ in range(2):  # the zero gates open on step 1, the rest of the group moves on step 2
         trainer.schedule[trainer.step] = task
         before = _snapshot(trainer)
-        metrics = trainer.train_step(measure=True)
+        metrics = train_step(trainer, measure=True)
         assert _changed(before[untouched], trainer, untouched) == []
     assert len(_changed(initial[trained], trainer, trained)) == len(initial[trained])
     assert f"loss/{task}" in metrics and f"grad_norm/{trained}" in metrics
@@ -63,7 +66,7 @@ def test_trainable_all_updates_both_groups_on_a_caption_batch(tiny_project: Path
     trainer = Trainer(tiny_config(tiny_project, tmp_path, "training.trainable=all"), SINGLE)
     trainer.schedule[0] = "caption"
     before = _snapshot(trainer)
-    trainer.train_step(measure=False)
+    train_step(trainer, measure=False)
     assert _changed(before["visual"], trainer, "visual")
     assert _changed(before["language"], trainer, "language")
 
@@ -117,8 +120,8 @@ def test_bf16_autocast_keeps_the_base_in_bf16_and_the_adapter_in_fp32(
     }
     trainer.schedule[:2] = ["caption", "instruction"]
     before = _snapshot(trainer)
-    caption = trainer.train_step(measure=False)
+    caption = train_step(trainer, measure=False)
     assert _changed(before["language"], trainer, "language") == []
-    instruction = trainer.train_step(measure=False)
+    instruction = train_step(trainer, measure=False)
     assert torch.isfinite(torch.tensor([caption["loss/caption"], instruction["loss/instruction"]])).all()
-    assert trainer.holdout_losses().keys() == {"caption", "instruction"}
+    assert holdout_losses(trainer).keys() == {"caption", "instruction"}

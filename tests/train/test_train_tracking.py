@@ -17,7 +17,8 @@ from live_servers import free_port, start, stop, wait_healthy
 from tiny_project import TINY_STEPS, tiny_config
 
 from llama_adapter_v2.store import TrackingUnavailableError
-from llama_adapter_v2.train.loop import task_schedule, train
+from llama_adapter_v2.train.loop import train
+from llama_adapter_v2.train.schedule import task_schedule
 from llama_adapter_v2.train.tracking import sync_spills
 
 LAV2 = str(Path(sys.executable).with_name("lav2"))
