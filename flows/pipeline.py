@@ -12,9 +12,11 @@ What Prefect adds:
 - training never restarts blindly: it always runs ``train(cfg, resume=True)``, so a retry or a
   re-run continues from the last complete checkpoint of the same training (same config sections,
   data and tracking store; another training's checkpoints are removed first);
-- unchanged inputs reuse cached results: the cache key of a stage is the hash of the config
-  sections it reads plus the data hash; results are stored as JSON (never pickled), and a
-  stage whose outputs are gone runs again (``refresh_cache``).
+- unchanged inputs reuse cached results: a stage's cache key hashes the config parameters
+  ``dvc.yaml`` lists for it, the keys of the stages upstream of it and the data hash
+  (``llama_adapter_v2.stages`` reads them from ``dvc.yaml``: one list for DVC and Prefect);
+  results are stored as JSON (never pickled), and a stage whose outputs are gone runs again
+  (``refresh_cache``).
 
 On a worker with N > 1 GPUs (``LAV2_GPUS`` from the work pool's job variables, else the
 visible CUDA devices) training runs as ``torchrun --nproc-per-node N``.
@@ -40,20 +42,11 @@ from prefect.runtime import flow_run
 import llama_adapter_v2  # noqa: F401 - applies the offline environment first
 from llama_adapter_v2.config import Config, load_config
 from llama_adapter_v2.environment import project_root
+from llama_adapter_v2.stages import DEMO_DATA, stage_key, training_identity
 from llama_adapter_v2.store import UNTRACKED, data_hash, tracking_uri
 
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
 IDENTITY_FILE = "training-identity.txt"
-STAGE_SECTIONS = {
-    "demo_data": ("data",),
-    "prepare": ("data",),
-    "validate": ("data",),
-    "shard": ("data", "model.base", "training.max_tokens_caption", "training.max_tokens_instruction"),
-    "demo_base": ("data", "model.base", "training.demo_base"),
-    "demo_clip": ("data", "model.vision", "training.demo_clip"),
-    "train": ("data", "model", "training", "tracking.uri", "tracking.experiment"),
-    "evaluate": ("data", "model", "training", "tracking.uri", "tracking.experiment"),
-}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -61,22 +54,6 @@ STAGE_SECTIONS = {
 
 def load(config_path: str, overrides: list[str] | None) -> Config:
     return load_config(config_path, overrides or ())
-
-
-def _section(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg.model_dump(mode="json")
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def stage_key(stage: str, cfg: Config, data_version: str) -> str | None:
-    """Config sections the stage reads + data hash; None (no caching) for untracked data."""
-    if data_version == UNTRACKED:
-        return None
-    payload = {name: _section(cfg, name) for name in STAGE_SECTIONS[stage]}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-    return f"lav2-{stage}-{data_version}-{digest}"
 
 
 def _given_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -159,12 +136,6 @@ def read_train_result(cfg: Config, seconds: float) -> dict[str, Any]:
         raise FileNotFoundError(f"torchrun finished; no complete checkpoint in {checkpoints} names its run")
     return {"run_id": run_id, "adapter_dir": str(cfg.training.output_dir / "adapter"),
             "checkpoint_dir": str(checkpoints), "final_metrics": {}, "seconds": seconds}
-
-
-def training_identity(cfg: Config, data_version: str) -> str:
-    """What a checkpoint must have been trained on to be resumed: same sections, same data."""
-    payload = {name: _section(cfg, name) for name in STAGE_SECTIONS["train"]}
-    return hashlib.sha256(json.dumps([payload, data_version], sort_keys=True).encode()).hexdigest()[:20]
 
 
 def claim_checkpoints(output_dir: Path, identity: str) -> str | None:
@@ -288,6 +259,15 @@ def promote_task(config_path: str, overrides: list[str], version: str) -> dict[s
     return asdict(promote(load(config_path, overrides), version))
 
 
+# The dvc.yaml stage each task runs (dvc's ``config`` stage only snapshots the resolved config),
+# and the demo data that DVC versions in data.dvc instead.
+TASK_OF_STAGE: dict[str, Any] = {
+    DEMO_DATA: demo_data_task, "prepare": prepare_task, "validate": validate_task, "shard": shard_task,
+    "demo-base": demo_base_task, "demo-clip": demo_clip_task, "train": train_task,
+    "evaluate": evaluate_task, "register": register_task,
+}
+
+
 # --------------------------------------------------------------------------- flows
 
 
@@ -301,14 +281,14 @@ def validate_data(config_path: str, overrides: list[str] | None = None, data_has
     cfg = load(config_path, overrides)
     paths = DataPaths(cfg.data.work_dir)
     if cfg.data.demo is not None:
-        key = stage_key("demo_data", cfg, data_hash)
+        key = stage_key(DEMO_DATA, cfg, data_hash)
         present = all(source.annotations.is_file() for source in cfg.data.captions)
-        _cached(demo_data_task, key, present)(config_path, overrides, cache_key=key)
+        _cached(TASK_OF_STAGE[DEMO_DATA], key, present)(config_path, overrides, cache_key=key)
     summary: dict[str, Any] = {}
-    for stage, task_fn, output in (("prepare", prepare_task, paths.prepared),
-                                   ("validate", validate_task, paths.validation_metrics),
-                                   ("shard", shard_task, paths.shard_metrics)):
+    for stage, output in (("prepare", paths.prepared), ("validate", paths.validation_metrics),
+                          ("shard", paths.shard_metrics)):
         key = stage_key(stage, cfg, data_hash)
+        task_fn = TASK_OF_STAGE[stage]
         summary[stage] = _cached(task_fn, key, output.exists())(config_path, overrides, cache_key=key)
     return summary
 
@@ -320,16 +300,16 @@ def train_flow(config_path: str, overrides: list[str] | None = None, data_hash: 
     overrides = overrides or []
     cfg = load(config_path, overrides)
     if cfg.data.demo is not None:
-        for stage, task_fn, folder in (("demo_base", demo_base_task, cfg.model.base.path),
-                                       ("demo_clip", demo_clip_task, cfg.model.vision.path)):
+        for stage, folder in (("demo-base", cfg.model.base.path), ("demo-clip", cfg.model.vision.path)):
             if folder is None:
                 continue
             key = stage_key(stage, cfg, data_hash)
-            _cached(task_fn, key, (folder / "config.json").is_file())(config_path, overrides, cache_key=key)
+            present = (folder / "config.json").is_file()
+            _cached(TASK_OF_STAGE[stage], key, present)(config_path, overrides, cache_key=key)
     key = stage_key("train", cfg, data_hash)
     present = (cfg.training.output_dir / "checkpoints" / "best").is_dir()
     identity = training_identity(cfg, data_hash)
-    return _cached(train_task, key, present)(config_path, overrides, identity, cache_key=key)
+    return _cached(TASK_OF_STAGE["train"], key, present)(config_path, overrides, identity, cache_key=key)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -339,7 +319,8 @@ def evaluate_flow(config_path: str, *, adapter_dir: str, run_id: str | None = No
     cfg = load(config_path, overrides)
     key = stage_key("evaluate", cfg, data_hash)
     present = (cfg.training.output_dir / "eval" / "metrics.json").is_file()
-    return _cached(evaluate_task, key, present)(config_path, overrides, adapter_dir, run_id, cache_key=key)
+    evaluate_cached = _cached(TASK_OF_STAGE["evaluate"], key, present)
+    return evaluate_cached(config_path, overrides, adapter_dir, run_id, cache_key=key)
 
 
 @flow(name="register", log_prints=True)
@@ -348,8 +329,8 @@ def register_flow(config_path: str, *, run_id: str, adapter_dir: str, metrics: d
     cfg = load(config_path, overrides)
     inputs = [run_id, adapter_dir, metrics, cfg.tracking.uri, cfg.tracking.registered_model]
     key = "lav2-register-" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-    return register_task(config_path, overrides or [], run_id=run_id, adapter_dir=adapter_dir,
-                         metrics=metrics, cache_key=key)
+    return TASK_OF_STAGE["register"](config_path, overrides or [], run_id=run_id, adapter_dir=adapter_dir,
+                                     metrics=metrics, cache_key=key)
 
 
 @flow(name="promote", log_prints=True)

@@ -11,7 +11,8 @@ from types import ModuleType
 import pytest
 import yaml
 
-from llama_adapter_v2.config import load_config
+from llama_adapter_v2.config import Config, load_config
+from llama_adapter_v2.stages import read_stages, stage_key, training_identity
 
 
 @pytest.fixture(scope="module")
@@ -25,21 +26,35 @@ def flows(repo_root: Path) -> ModuleType:
     return module
 
 
-def test_cache_keys_follow_the_sections_each_stage_reads(flows: ModuleType, repo_root: Path) -> None:
+def test_cache_keys_follow_the_parameters_dvc_yaml_lists(repo_root: Path) -> None:
     config = repo_root / "configs" / "demo.yaml"
     base = load_config(config)
     more_steps = load_config(config, ["training.steps=7"])
     other_data = load_config(config, ["data.demo.n_images=12"])
-    stages = ("demo_data", "prepare", "validate", "shard", "demo_base", "train", "evaluate")
-    keys = {stage: flows.stage_key(stage, base, "abc") for stage in stages}
+    other_holdout = load_config(config, ["data.holdout_fraction=0.2"])
+    stages = ("demo-data", "prepare", "validate", "shard", "demo-base", "demo-clip", "train", "evaluate")
+    keys = {stage: stage_key(stage, base, "abc") for stage in stages}
     assert len(set(keys.values())) == len(stages)
-    assert all(key.startswith(f"lav2-{stage}-abc-") for stage, key in keys.items())
-    changed = {stage for stage in stages if flows.stage_key(stage, more_steps, "abc") != keys[stage]}
-    assert changed == {"train", "evaluate"}
-    changed = {stage for stage in stages if flows.stage_key(stage, other_data, "abc") != keys[stage]}
-    assert changed == set(stages)
-    assert {flows.stage_key(stage, base, "def") for stage in stages}.isdisjoint(keys.values())
-    assert flows.stage_key("train", base, "untracked") is None  # no data version: never cached
+    assert all(key is not None and key.startswith(f"lav2-{stage}-abc-") for stage, key in keys.items())
+
+    def changed(cfg: Config) -> set[str]:
+        return {stage for stage in stages if stage_key(stage, cfg, "abc") != keys[stage]}
+
+    assert changed(more_steps) == {"train", "evaluate"}  # training: train's param, evaluate downstream
+    assert changed(other_data) == set(stages)  # the demo data feeds every stage
+    # dvc.yaml: shard, demo-base and demo-clip list data.holdout_fraction; train and evaluate follow
+    assert changed(other_holdout) == {"shard", "demo-base", "demo-clip", "train", "evaluate"}
+    assert {stage_key(stage, base, "def") for stage in stages}.isdisjoint(keys.values())
+    assert stage_key("train", base, "untracked") is None  # no data version: never cached
+
+
+def test_dvc_yaml_is_the_stage_list_of_the_flow(flows: ModuleType, repo_root: Path) -> None:
+    stages = read_stages(repo_root / "dvc.yaml")
+    assert set(flows.TASK_OF_STAGE) == set(stages) - {"config"}
+    assert stages["train"].upstream == ("shard", "demo-base", "demo-clip")
+    assert stages["evaluate"].upstream == ("shard", "demo-base", "demo-clip", "train")
+    assert stages["prepare"].params == ("data.captions", "data.instructions") and stages["prepare"].reads_data
+    assert not stages["train"].reads_data  # it reads the shards, which read the data
 
 
 def test_multi_gpu_training_launches_torchrun(flows: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,11 +110,11 @@ def test_checkpoints_of_another_training_are_never_resumed(flows: ModuleType, tm
     assert (tmp_path / flows.IDENTITY_FILE).read_text() == "second"
 
 
-def test_training_identity_changes_with_training_inputs_only(flows: ModuleType, repo_root: Path) -> None:
+def test_training_identity_changes_with_training_inputs_only(repo_root: Path) -> None:
     config = repo_root / "configs" / "demo.yaml"
-    base = flows.training_identity(load_config(config), "abc")
-    assert flows.training_identity(load_config(config), "abc") == base
-    assert flows.training_identity(load_config(config, ["training.steps=7"]), "abc") != base
-    assert flows.training_identity(load_config(config, ["tracking.uri=http://127.0.0.1:5000"]), "abc") != base
-    assert flows.training_identity(load_config(config), "def") != base
-    assert flows.training_identity(load_config(config, ["tracking.promotion.margin=0.5"]), "abc") == base
+    base = training_identity(load_config(config), "abc")
+    assert training_identity(load_config(config), "abc") == base
+    assert training_identity(load_config(config, ["training.steps=7"]), "abc") != base
+    assert training_identity(load_config(config, ["tracking.uri=http://127.0.0.1:5000"]), "abc") != base
+    assert training_identity(load_config(config), "def") != base
+    assert training_identity(load_config(config, ["tracking.promotion.margin=0.5"]), "abc") == base
