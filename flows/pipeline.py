@@ -32,18 +32,30 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, get_run_logger, tags, task
+from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 import llama_adapter_v2  # noqa: F401 - applies the offline environment first
 from llama_adapter_v2.config import Config, load_config
+from llama_adapter_v2.data.demo import generate_demo
+from llama_adapter_v2.data.paths import DataPaths
+from llama_adapter_v2.data.pipeline import prepare, shard, validate
 from llama_adapter_v2.environment import project_root
+from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
+from llama_adapter_v2.registry import promote, register
 from llama_adapter_v2.stages import DEMO_DATA, stage_key, training_identity
 from llama_adapter_v2.store import UNTRACKED, data_hash, tracking_uri
+from llama_adapter_v2.train.checkpoint import recorded_run_id
+from llama_adapter_v2.train.demo_base import train_demo_base
+from llama_adapter_v2.train.demo_clip import train_demo_clip
+from llama_adapter_v2.train.loop import train
 
 TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
 IDENTITY_FILE = "training-identity.txt"
@@ -91,8 +103,6 @@ def run_tags(cfg: Config, config_path: str, data_version: str) -> list[str]:
 
 def _tag_current_run(extra: list[str]) -> None:
     """Add tags to the running flow run (a deployment run gets its tags before parameters exist)."""
-    from prefect.client.orchestration import get_client
-
     run_id = flow_run.get_id()
     if run_id is None:
         return
@@ -104,10 +114,6 @@ def _tag_current_run(extra: list[str]) -> None:
 def gpu_count() -> int:
     if value := os.environ.get("LAV2_GPUS"):
         return int(value)
-    try:
-        import torch
-    except ImportError:
-        return 0
     return torch.cuda.device_count()
 
 
@@ -128,8 +134,6 @@ def train_summary(result: Any) -> dict[str, Any]:
 
 def read_train_result(cfg: Config, seconds: float) -> dict[str, Any]:
     """What a torchrun-launched training left behind: the newest complete checkpoint names its run."""
-    from llama_adapter_v2.train.checkpoint import recorded_run_id
-
     checkpoints = cfg.training.output_dir / "checkpoints"
     run_id = recorded_run_id(checkpoints)
     if run_id is None and cfg.tracking.enabled:
@@ -168,44 +172,32 @@ task_options: dict[str, Any] = {
 
 @task(name="demo-data", **IO_RETRIES, **task_options)
 def demo_data_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, int]:
-    from llama_adapter_v2.data.demo import generate_demo
-
     return generate_demo(load(config_path, overrides).data)
 
 
 @task(name="prepare", **IO_RETRIES, **task_options)
 def prepare_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, int]:
-    from llama_adapter_v2.data.pipeline import prepare
-
     return prepare(load(config_path, overrides), project_root())
 
 
 @task(name="validate", **IO_RETRIES, **task_options)
 def validate_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
-    from llama_adapter_v2.data.pipeline import validate
-
     return validate(load(config_path, overrides), project_root())
 
 
 @task(name="shard", **IO_RETRIES, **task_options)
 def shard_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
-    from llama_adapter_v2.data.pipeline import shard
-
     return shard(load(config_path, overrides), project_root())
 
 
 @task(name="demo-base", **IO_RETRIES, **task_options)
 def demo_base_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
-    from llama_adapter_v2.train.demo_base import train_demo_base
-
     result = train_demo_base(load(config_path, overrides))
     return {"path": str(result.path), "final_loss": result.losses[-1], "seconds": result.seconds}
 
 
 @task(name="demo-clip", **IO_RETRIES, **task_options)
 def demo_clip_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
-    from llama_adapter_v2.train.demo_clip import train_demo_clip
-
     result = train_demo_clip(load(config_path, overrides))
     return {"path": str(result.path), "final_loss": result.losses[-1],
             "final_accuracy": result.accuracies[-1], "seconds": result.seconds}
@@ -227,7 +219,6 @@ def train_task(config_path: str, overrides: list[str], identity: str, cache_key:
         started = time.perf_counter()
         subprocess.run(command, check=True, cwd=project_root())
         return read_train_result(cfg, time.perf_counter() - started)
-    from llama_adapter_v2.train.loop import train
 
     return train_summary(train(cfg, resume=True))
 
@@ -236,15 +227,12 @@ def train_task(config_path: str, overrides: list[str], identity: str, cache_key:
 def evaluate_task(config_path: str, overrides: list[str], adapter_dir: str, run_id: str | None,
                   cache_key: str | None) -> dict[str, float]:
     """Scores go into the training's MLflow run, beside its losses."""
-    from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
-
     return evaluate(load(config_path, overrides), Path(adapter_dir), EvalOptions(run_id=run_id))
 
 
 @task(name="register", **IO_RETRIES, **task_options)
 def register_task(config_path: str, overrides: list[str], *, run_id: str, adapter_dir: str,
                   metrics: dict[str, float], cache_key: str | None) -> dict[str, str]:
-    from llama_adapter_v2.registry import register
 
     version = register(load(config_path, overrides), run_id, Path(adapter_dir), metrics)
     return {"name": version.name, "version": version.version, "evaluation": version.evaluation}
@@ -252,10 +240,6 @@ def register_task(config_path: str, overrides: list[str], *, run_id: str, adapte
 
 @task(name="promote", **IO_RETRIES)
 def promote_task(config_path: str, overrides: list[str], version: str) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from llama_adapter_v2.registry import promote
-
     return asdict(promote(load(config_path, overrides), version))
 
 
@@ -275,8 +259,6 @@ TASK_OF_STAGE: dict[str, Any] = {
 def validate_data(config_path: str, overrides: list[str] | None = None, data_hash: str = UNTRACKED
                   ) -> dict[str, Any]:
     """Demo data (generated when absent), then prepare -> validate (Great Expectations) -> shard."""
-    from llama_adapter_v2.data.pipeline import DataPaths
-
     overrides = overrides or []
     cfg = load(config_path, overrides)
     paths = DataPaths(cfg.data.work_dir)

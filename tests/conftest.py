@@ -17,6 +17,11 @@ import pytest
 from hypothesis import settings
 
 import llama_adapter_v2  # noqa: F401 - applies offline.env before any heavy import
+from llama_adapter_v2.config import load_config
+from llama_adapter_v2.data.demo import generate_demo
+from llama_adapter_v2.data.formatting import segments
+from llama_adapter_v2.data.readers import read_coco, read_instructions
+from llama_adapter_v2.data.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -76,9 +81,6 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def demo_data_config(tmp_path_factory: pytest.TempPathFactory):
     """configs/demo.yaml with the demo data generated into a temp folder (and work_dir there too)."""
-    from llama_adapter_v2.config import load_config
-    from llama_adapter_v2.data.demo import generate_demo
-
     root = tmp_path_factory.mktemp("demo-data")
     cfg = load_config(REPO / "configs" / "demo.yaml")
     for source in cfg.data.captions:
@@ -99,10 +101,6 @@ def demo_data_config(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_data_config, tmp_path_factory: pytest.TempPathFactory):
     """A 512-token BPE trained on the demo data's rendered texts (as the demo base stage does)."""
-    from llama_adapter_v2.data.formatting import segments
-    from llama_adapter_v2.data.readers import read_coco, read_instructions
-    from llama_adapter_v2.data.tokenizer import train_tokenizer
-
     raw = [r for s in demo_data_config.data.captions for r in read_coco(s)]
     raw += [r for s in demo_data_config.data.instructions for r in read_instructions(s)]
     texts = ["".join(text for text, _ in segments(r.to_record())) for r in raw]

@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 
-from benchmarks import cases, flops, report
+from benchmarks import cases, flops, gpu_train_path, orchestration, profile_step, report
 from benchmarks.spec import Spec, preset, with_workload
+from llama_adapter_v2.config import load_config
 
 TINY = preset("tiny")
 TIMED_FIELDS = {"step_seconds", "items_per_step", "unit", "flops_per_step", "trainable_params", "peak_rss_mb"}
@@ -57,9 +60,6 @@ def case_results() -> dict[str, dict]:
 
 def test_orchestration_runs_share_one_valid_demo_config(tmp_path: Path) -> None:
     """Bare and pipeline runs read the same config: steps, cadences and a store apart from the project's."""
-    from benchmarks import orchestration
-    from llama_adapter_v2.config import load_config
-
     overrides = orchestration.shared_overrides(tmp_path, 7)
     cfg = load_config(orchestration.REPO / orchestration.CONFIG, [*overrides, "tracking.enabled=false"])
     training = cfg.training
@@ -189,7 +189,6 @@ def test_runner_runs_children_interleaved_and_logs_to_mlflow(tmp_path: Path, rep
     assert "| matmul_ceiling | GFLOP/s |" in markdown
     assert "| train_litgpt_adapter_v2 | - |" in markdown and "not available" in markdown
 
-    import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     [run] = client.search_runs([client.get_experiment_by_name(report.EXPERIMENT).experiment_id])
@@ -219,10 +218,6 @@ def test_unknown_preset_and_workload_keys_are_refused() -> None:
 
 def test_profile_counts_saved_activations_and_sorts_operators() -> None:
     """x * w with only x trainable keeps w (and nothing else) for the backward: 1000 floats."""
-    import torch
-
-    from benchmarks import profile_step
-
     x = torch.ones(1000, requires_grad=True)
     w = torch.full((1000,), 2.0)
 
@@ -240,10 +235,6 @@ def test_profile_counts_saved_activations_and_sorts_operators() -> None:
 
 def test_gpu_train_path_keeps_groups_disjoint_and_dtypes_apart_on_the_tiny_preset() -> None:
     """The GPU script's step (bf16 autocast, bf16 base, fp32 trainables) run on CPU at tiny size."""
-    import torch
-
-    from benchmarks import gpu_train_path
-
     spec = with_workload(preset("tiny"), ["device=cpu"])
     result = gpu_train_path.run(spec, frozen_dtype=None)
     assert result["frozen_dtype"] == str(torch.bfloat16)

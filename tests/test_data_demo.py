@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from llama_adapter_v2.data.demo import BACKGROUNDS, COLOURS, PLACES, generate_demo
+from llama_adapter_v2.data.shards import split_of
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -72,8 +73,6 @@ def test_captions_describe_the_drawing(demo_data_config) -> None:
 
 
 def test_image_conversations_are_about_training_images_only(demo_data_config) -> None:
-    from llama_adapter_v2.data.shards import split_of
-
     data = demo_data_config.data
     chats = json.loads(Path(data.instructions[1].path).read_text())
     talked_about = {c["image"] for c in chats if "image" in c}

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from llama_adapter_v2.cli.main import app
 from llama_adapter_v2.config.schema import CaptionSource
 from llama_adapter_v2.data.formatting import is_placeholder_input
 from llama_adapter_v2.data.readers import (
@@ -151,10 +153,6 @@ def test_real_instruction_files(real_data: Path) -> None:
 
 
 def test_cli_prepare_exits_naming_the_broken_file(tmp_path: Path, repo_root: Path) -> None:
-    from typer.testing import CliRunner
-
-    from llama_adapter_v2.cli.main import app
-
     broken = write(tmp_path / "broken.json", '[{"instruction": "a",}]')
     result = CliRunner().invoke(app, [
         "data", "prepare", str(repo_root / "configs/demo.yaml"),

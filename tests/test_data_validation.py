@@ -19,6 +19,7 @@ from PIL import Image
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.config.schema import CaptionSource, InstructionSource, ValidationConfig
 from llama_adapter_v2.data import pipeline
+from llama_adapter_v2.data.formatting import encode_record
 from llama_adapter_v2.data.readers import read_alpaca, read_coco, read_llava, read_self_instruct
 from llama_adapter_v2.data.validation import (
     IMAGE_OK,
@@ -245,7 +246,6 @@ def test_token_counter_uses_the_configured_tokenizer(demo_tokenizer, tmp_path: P
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"instruction": "What is 2 plus 3?", "input": "", "output": "5"}]))
     raw = read_alpaca(path, "a")[0]
-    from llama_adapter_v2.data.formatting import encode_record
 
     assert TokenCounter(tmp_path).count(raw) == len(encode_record(raw.to_record(), demo_tokenizer, 10**6)[0])
     by_bytes = TokenCounter(None).count(raw)

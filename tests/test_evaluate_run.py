@@ -7,15 +7,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from tiny_adapted import random_gates, tiny_config, write_tiny_base
+from typer.testing import CliRunner
 
+from llama_adapter_v2.cli.main import app
+from llama_adapter_v2.data.formatting import encode_record
 from llama_adapter_v2.data.records import Record, Turn, caption_record
 from llama_adapter_v2.data.shards import write_split
 from llama_adapter_v2.evaluate.instruction_metrics import InstructionSample, score_instructions
 from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
+from llama_adapter_v2.infer.chat import ChatSession
+from llama_adapter_v2.infer.generation import GenerationSettings, generate_texts, instruction_prompt
+from llama_adapter_v2.model.build import build_model, load_tokenizer
+from llama_adapter_v2.model.checkpoint import save_adapter
+from llama_adapter_v2.store import ensure_experiment
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
 
@@ -51,9 +60,6 @@ def held_out_records(folder: Path) -> tuple[list[Record], list[Record]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from llama_adapter_v2.model.build import build_model
-    from llama_adapter_v2.model.checkpoint import save_adapter
-
     root = tmp_path_factory.mktemp("eval-run")
     cfg = tiny_config(write_tiny_base(root / "base"))
     cfg.data.work_dir = root / "data"
@@ -74,10 +80,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         '{"question": "What is 2 plus 3?", "choices": ["5", "7"], "answer": 0}\n', encoding="utf-8"
     )
 
-    import mlflow
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    from llama_adapter_v2.store import ensure_experiment
 
     with mlflow.start_run(experiment_id=ensure_experiment(cfg)) as run:
         run_id = run.info.run_id
@@ -134,9 +138,6 @@ def test_metrics_file_is_flat_and_consistent_with_per_sample_outputs(tiny_run: d
 
 
 def test_holdout_loss_matches_a_direct_forward(tiny_run: dict[str, Any]) -> None:
-    from llama_adapter_v2.data.formatting import encode_record
-    from llama_adapter_v2.model.build import load_tokenizer
-
     cfg, model = tiny_run["cfg"], tiny_run["model"]
     tokenizer = load_tokenizer(cfg)
     _, instructions = held_out_records(tiny_run["root"])
@@ -155,8 +156,6 @@ def test_holdout_loss_matches_a_direct_forward(tiny_run: dict[str, Any]) -> None
 
 
 def test_metrics_and_table_logged_to_the_given_mlflow_run(tiny_run: dict[str, Any]) -> None:
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=tiny_run["cfg"].tracking.uri)
     run = client.get_run(tiny_run["run_id"])
     assert run.data.metrics["eval/caption_cider"] == pytest.approx(tiny_run["metrics"]["caption_cider"])
@@ -170,15 +169,9 @@ def test_metrics_and_table_logged_to_the_given_mlflow_run(tiny_run: dict[str, An
 
 
 def test_cli_generate_and_chat_on_an_adapter_folder(tiny_run: dict[str, Any]) -> None:
-    from llama_adapter_v2.infer.chat import ChatSession
-    from llama_adapter_v2.infer.generation import GenerationSettings, generate_texts, instruction_prompt
-    from llama_adapter_v2.model.build import load_tokenizer
-
     model, tokenizer = tiny_run["model"], load_tokenizer(tiny_run["cfg"])
     image_path = tiny_run["root"] / "blue.png"
-    from typer.testing import CliRunner
 
-    from llama_adapter_v2.cli.main import app
 
     runner = CliRunner()
     common = ["--model", str(tiny_run["adapter"]), "--max-new-tokens", "6", "--image", str(image_path)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib
 import pytest
 from PIL import Image, ImageDraw, ImageFont
+from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
 from llama_adapter_v2.config.loader import ConfigError, validate_config
 from llama_adapter_v2.config.schema import ExpertConfig
@@ -25,6 +26,9 @@ from llama_adapter_v2.experts import (
     registered_experts,
 )
 from llama_adapter_v2.infer.expert_text import expert_context
+from llama_adapter_v2.infer.generation import GenerationSettings, caption_prompt, generate_texts
+from llama_adapter_v2.model.build import build_model, load_tokenizer
+from llama_adapter_v2.model.checkpoint import save_adapter
 
 DEJAVU_SANS = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
 TESSERACT = ExpertConfig(kind="ocr", engine="tesseract")
@@ -112,12 +116,6 @@ def test_registry_lists_builtin_experts() -> None:
 
 
 def test_caption_expert_captions_like_the_model_it_loads(tmp_path: Path, rapidocr) -> None:
-    from tiny_adapted import random_gates, tiny_config, write_tiny_base
-
-    from llama_adapter_v2.infer.generation import GenerationSettings, caption_prompt, generate_texts
-    from llama_adapter_v2.model.build import build_model, load_tokenizer
-    from llama_adapter_v2.model.checkpoint import save_adapter
-
     cfg = tiny_config(write_tiny_base(tmp_path / "base"))
     model = build_model(cfg).eval()
     random_gates(model, seed=1)

@@ -10,6 +10,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from prefect.states import Completed, Failed
 
 from llama_adapter_v2.config import Config, load_config
 from llama_adapter_v2.stages import read_stages, stage_key, training_identity
@@ -67,8 +68,6 @@ def test_multi_gpu_training_launches_torchrun(flows: ModuleType, monkeypatch: py
 
 
 def test_only_transient_failures_are_retried(flows: ModuleType) -> None:
-    from prefect.states import Completed, Failed
-
     assert flows.retry_only_transient(None, None, Failed(data=ConnectionResetError("peer went away")))
     assert flows.retry_only_transient(None, None, Failed(data=OSError(errno.EIO, "disk hiccup")))
     assert flows.retry_only_transient(None, None, Failed(data=TimeoutError("slow server")))

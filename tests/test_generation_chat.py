@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
+from llama_adapter_v2.data.formatting import alpaca_prompt
 from llama_adapter_v2.evaluate.multiple_choice import (
     ChoiceFileError,
     ChoiceItem,
@@ -18,6 +19,7 @@ from llama_adapter_v2.evaluate.multiple_choice import (
     read_choice_items,
     score_multiple_choice,
 )
+from llama_adapter_v2.infer.batch import answer_requests
 from llama_adapter_v2.infer.chat import (
     ChatSession,
     ContextTooLongError,
@@ -34,14 +36,13 @@ from llama_adapter_v2.infer.generation import (
     instruction_prompt,
     prompt_ids,
 )
+from llama_adapter_v2.model.build import build_model, load_tokenizer
 
 GREEDY = GenerationSettings(max_new_tokens=10, stop=())
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
-    from llama_adapter_v2.model.build import build_model, load_tokenizer
-
     cfg = tiny_config(write_tiny_base(tmp_path_factory.mktemp("tiny-base")))
     model = build_model(cfg).eval()
     random_gates(model)
@@ -188,8 +189,6 @@ def test_session_trims_but_keeps_the_transcript(tiny: tuple[Any, Any], tmp_path:
 
 
 def test_choice_log_likelihoods_match_one_unpadded_forward_per_choice(tiny: tuple[Any, Any]) -> None:
-    from llama_adapter_v2.data.formatting import alpaca_prompt
-
     model, tokenizer = tiny
     item = ChoiceItem("What colour is the sky?", ("blue", "a green triangle at the top", "7"), answer=0)
     scores = choice_log_likelihoods(model, tokenizer, item)
@@ -236,8 +235,6 @@ def test_choice_files_in_mmlu_layout_and_their_errors(tmp_path: Path) -> None:
 
 
 def test_batch_requests_answer_good_lines_and_name_bad_ones(tiny: tuple[Any, Any], tmp_path: Path) -> None:
-    from llama_adapter_v2.infer.batch import answer_requests
-
     model, tokenizer = tiny
     images = tmp_path / "images"
     images.mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,6 @@ def test_the_blank_image_is_zero_after_clip_normalisation() -> None:
 
 
 def test_every_question_has_one_answer_the_drawing_fixes() -> None:
-    import random
-
     rng = random.Random(3)
     for index in range(200):
         image = plan_image(rng, index)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from live_servers import BIN, free_port, project_copy, project_env, start, stop, wait_healthy
+from mlflow import MlflowClient
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -108,8 +109,6 @@ def deployment_run(project: Project, prefect_api: str) -> Iterator[dict[str, Any
 
 
 def _mlflow_client(project: Project) -> Any:
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{project.root / 'mlruns' / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -226,7 +225,6 @@ def test_same_pipeline_against_mlflow_server_reuses_cached_data_stages(
     output = project.run(str(BIN / "lav2"), "pipeline", "configs/demo.yaml", *sets, timeout=400).stdout
     assert "registered model  llama-adapter-v2-demo version 1 @champion" in output
 
-    from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     summary = json.loads((project.root / "artifacts" / "pipeline" / "last-run.json").read_text())

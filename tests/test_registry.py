@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -33,8 +34,6 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _new_version(cfg: Config, adapter_dir: Path, metrics: dict[str, float] | None) -> str:
-    import mlflow
-
     mlflow.set_experiment(experiment_id=ensure_experiment(cfg))
     with mlflow.start_run() as run:
         pass

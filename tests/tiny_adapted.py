@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from llama_adapter_v2.config.schema import Config
+from llama_adapter_v2.data.tokenizer import train_tokenizer
 
 TEXTS = [
     "Below is an instruction that describes a task.",
@@ -60,11 +64,6 @@ def tiny_config(base_path: Path | None = None, **adapter: Any) -> Config:
 
 def write_tiny_base(folder: Path) -> Path:
     """A random tiny Llama and a BPE tokenizer trained on ``TEXTS``, saved as one local folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llama_adapter_v2.data.tokenizer import train_tokenizer
-
     tokenizer = train_tokenizer(TEXTS, 320, folder)
     arch = tiny_config().model.base.arch
     assert arch is not None
@@ -83,8 +82,6 @@ def write_tiny_base(folder: Path) -> Path:
 
 def random_gates(model: Any, seed: int = 0) -> None:
     """Move every gate away from zero so prompts and images change the output."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in model.adapter_named_parameters():
         if "gate" in name:

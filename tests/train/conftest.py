@@ -14,15 +14,14 @@ import yaml
 from tiny_project import tiny_settings
 
 from llama_adapter_v2.config import Config
+from llama_adapter_v2.data.demo import generate_demo
+from llama_adapter_v2.data.shards import write_shards
+from llama_adapter_v2.train.demo_base import demo_records, train_demo_base
 
 
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generated demo data, caption/instruction shards and a demo base; returns the config file."""
-    from llama_adapter_v2.data.demo import generate_demo
-    from llama_adapter_v2.data.shards import write_shards
-    from llama_adapter_v2.train.demo_base import demo_records, train_demo_base
-
     root = tmp_path_factory.mktemp("tiny-project")
     config_file = root / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(tiny_settings(root), sort_keys=False))

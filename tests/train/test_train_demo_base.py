@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_project import tiny_config
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llama_adapter_v2.train.demo_base import demo_records, plain_text
 
@@ -18,7 +19,6 @@ FIRST_LOSS, LAST_LOSS = 5.7721, 4.2028
 def test_demo_base_loss_drops_and_the_folder_is_a_working_hf_model(
     tiny_project: Path, tmp_path: Path
 ) -> None:
-    from transformers import AutoTokenizer, LlamaForCausalLM
 
     losses = json.loads((tiny_project.parent / "base_losses.json").read_text())
     assert len(losses) == 30

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from live_servers import free_port, start, stop, wait_healthy
+from mlflow import MlflowClient
 from tiny_project import TINY_STEPS, tiny_config
 
 from llama_adapter_v2.store import TrackingUnavailableError
@@ -36,8 +37,6 @@ def test_an_unreachable_server_fails_the_run_at_start(tiny_project: Path, tmp_pa
 
 
 def test_a_run_records_params_tags_metrics_and_artifacts(tiny_project: Path, tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(tiny_project, tmp_path / "run", "tracking.enabled=true", f"tracking.uri={uri}",
                       f"tracking.artifact_root={tmp_path / 'artifacts'}")
@@ -79,8 +78,6 @@ def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen[bytes]
 
 
 def test_a_server_lost_mid_run_loses_no_metric(tiny_project: Path, tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
     steps, port, store = 60, free_port(), tmp_path / "server"
     store.mkdir()
     uri = f"http://127.0.0.1:{port}"

@@ -29,16 +29,16 @@ def ablate(
     ),
 ) -> None:
     """Train + evaluate every variant of VARIANTS on CONFIG and the zero-init model; write the table."""
-    from llama_adapter_v2.evaluate.ablations import (
+    from llama_adapter_v2.evaluate.ablations import (  # noqa: PLC0415 - lazy: CLI starts without torch
         ZERO_INIT,
         ablation_table,
         early_losses,
         initial_losses,
         read_variants,
     )
-    from llama_adapter_v2.evaluate.report import write_json_atomic
-    from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
-    from llama_adapter_v2.train.loop import train
+    from llama_adapter_v2.evaluate.report import write_json_atomic  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.evaluate.run import EvalOptions, evaluate  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.train.loop import train  # noqa: PLC0415 - lazy: CLI starts without torch
 
     every = read_variants(variants_file)
     variants = [v for v in every if not only or v.name in only]

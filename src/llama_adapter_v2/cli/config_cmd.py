@@ -9,23 +9,10 @@ from typing import Annotated
 import typer
 import yaml
 
-from llama_adapter_v2.config import ConfigError, load_config, resolved_llama_arch
+from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, load_or_exit
+from llama_adapter_v2.config import resolved_llama_arch
 
 app = typer.Typer(help="Validate and show configs (no torch import; runs in well under a second).")
-
-ConfigFile = Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/demo.yaml")]
-Overrides = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a key: --set training.steps=20 (repeatable)"),
-]
-
-
-def load_or_exit(path: Path, overrides: list[str] | None) -> object:
-    try:
-        return load_config(path, overrides or ())
-    except ConfigError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
 
 
 @app.command("check")

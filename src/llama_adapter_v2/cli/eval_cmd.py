@@ -1,17 +1,18 @@
-"""``lav2 evaluate``, ``lav2 generate`` and ``lav2 chat`` (torch, transformers, mlflow load inside)."""
+"""``lav2 evaluate``, ``lav2 generate`` and ``lav2 chat``.
+
+Each command imports the library when it runs (marked ``lazy``): ``lav2 --help`` starts without torch.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import typer
+from PIL import Image
 
-from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
-
-if TYPE_CHECKING:
-    from llama_adapter_v2.infer.generation import GenerationSettings
+from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, errors_exit, load_or_exit, log_to_stderr
+from llama_adapter_v2.config.schema import ExpertConfig
 
 ModelSource = Annotated[
     str,
@@ -31,10 +32,6 @@ MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1)]
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 Seed = Annotated[int, typer.Option("--seed")]
-
-
-def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 def evaluate(
@@ -59,64 +56,34 @@ def evaluate(
     max_instructions: Annotated[int | None, typer.Option("--max-instructions", min=1)] = None,
 ) -> None:
     """Score an adapter on the held-out captions and instructions; write eval/metrics.json."""
-    _log_to_stderr()
-    from llama_adapter_v2.evaluate.report import metrics_table
-    from llama_adapter_v2.evaluate.run import EvalOptions
-    from llama_adapter_v2.evaluate.run import evaluate as run_evaluation
-    from llama_adapter_v2.train.checkpoint import recorded_run_id
+    from llama_adapter_v2.evaluate import report, run  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.train import checkpoint  # noqa: PLC0415 - lazy: CLI starts without torch
 
+    log_to_stderr()
     cfg = load_or_exit(config, overrides)
     adapter_dir = None if zero_init else adapter or cfg.training.output_dir / "adapter"
     if run_id is None and cfg.tracking.enabled and not zero_init:
-        run_id = recorded_run_id(cfg.training.output_dir / "checkpoints")
-    options = EvalOptions(
+        run_id = checkpoint.recorded_run_id(cfg.training.output_dir / "checkpoints")
+    options = run.EvalOptions(
         choice_files=tuple(choices or ()), out_dir=out, run_id=run_id,
         max_images=max_images, max_instructions=max_instructions,
     )
-    try:
-        metrics = run_evaluation(cfg, adapter_dir, options)
-    except FileNotFoundError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
-    typer.echo(metrics_table(metrics))
+    with errors_exit(FileNotFoundError):
+        metrics = run.evaluate(cfg, adapter_dir, options)
+    typer.echo(report.metrics_table(metrics))
     typer.echo(f"written to {out or cfg.training.output_dir / 'eval'}")
 
 
-def _settings(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> GenerationSettings:
-    from llama_adapter_v2.infer.generation import GenerationSettings
-
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-
-
-def _experts(names: list[str] | None, caption_model: str | None) -> list[Any]:
-    from llama_adapter_v2.config.schema import ExpertConfig
-    from llama_adapter_v2.experts import ExpertUnavailableError, build_experts
-
+def _expert_configs(names: list[str] | None, caption_model: str | None) -> list[ExpertConfig]:
     kinds: list[Literal["caption", "ocr"]] = []
     for name in names or []:
         if name not in ("caption", "ocr"):
             raise typer.BadParameter(f"unknown expert {name!r}: choose ocr or caption", param_hint="--expert")
         kinds.append(name)  # type: ignore[arg-type]
-    try:
-        return build_experts([ExpertConfig(kind=kind, model=caption_model) for kind in kinds])
-    except ExpertUnavailableError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    return [ExpertConfig(kind=kind, model=caption_model) for kind in kinds]
 
 
-def _load(model: str) -> Any:
-    from llama_adapter_v2.infer.loading import load_for_inference
-
-    try:
-        return load_for_inference(model)
-    except FileNotFoundError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
-
-
-def _image(path: Path | None) -> Any:
-    from PIL import Image
-
+def _image(path: Path | None) -> Image.Image | None:
     if path is None:
         return None
     with Image.open(path) as raw:
@@ -148,28 +115,30 @@ def generate(
     seed: Seed = 0,
 ) -> None:
     """Answer one instruction (about an optional image), or every line of --requests into --out."""
-    from llama_adapter_v2.infer.expert_text import expert_context
-    from llama_adapter_v2.infer.generation import generate_texts, instruction_prompt
+    from llama_adapter_v2 import experts  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.infer import batch, expert_text, generation, loading  # noqa: PLC0415 - lazy, as above
 
     if (prompt is None) == (requests is None):
         raise typer.BadParameter("give --prompt (one answer) or --requests with --out (a file of them)")
     if requests is not None and out is None:
         raise typer.BadParameter("--requests needs --out for the answers", param_hint="--out")
-    loaded = _load(model)
-    settings = _settings(max_new_tokens, temperature, top_p, seed)
+    with errors_exit(FileNotFoundError):
+        loaded = loading.load_for_inference(model)
+    settings = generation.GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, seed=seed)
     if requests is not None and out is not None:
-        from llama_adapter_v2.infer.batch import answer_requests
-
-        answered, failed = answer_requests(
+        answered, failed = batch.answer_requests(
             loaded.model, loaded.tokenizer, requests, out, settings=settings, image_root=image_root
         )
         typer.echo(f"{answered} answered, {failed} with an error line; written to {out}")
         return
     assert prompt is not None
     picture = _image(image)
-    slot = expert_context(_experts(expert, caption_model), picture, context)
-    request = instruction_prompt(prompt, slot, picture)
-    [text] = generate_texts(loaded.model, loaded.tokenizer, [request], settings)
+    with errors_exit(experts.ExpertUnavailableError):
+        chosen = experts.build_experts(_expert_configs(expert, caption_model))
+    slot = expert_text.expert_context(chosen, picture, context)
+    request = generation.instruction_prompt(prompt, slot, picture)
+    [text] = generation.generate_texts(loaded.model, loaded.tokenizer, [request], settings)
     typer.echo(text)
 
 
@@ -185,13 +154,17 @@ def chat(
     seed: Seed = 0,
 ) -> None:
     """Multi-turn chat in the terminal (empty line or Ctrl-D ends it); history trimmed to fit."""
-    from llama_adapter_v2.infer.chat import ChatSession, ContextTooLongError
+    from llama_adapter_v2 import experts  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.infer import chat, generation, loading  # noqa: PLC0415 - lazy, as above
 
-    loaded = _load(model)
-    session = ChatSession(
-        loaded.model, loaded.tokenizer, image=_image(image), experts=_experts(expert, caption_model),
-        settings=_settings(max_new_tokens, temperature, top_p, seed),
-    )
+    with errors_exit(FileNotFoundError):
+        loaded = loading.load_for_inference(model)
+    with errors_exit(experts.ExpertUnavailableError):
+        chosen = experts.build_experts(_expert_configs(expert, caption_model))
+    settings = generation.GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, seed=seed)
+    session = chat.ChatSession(loaded.model, loaded.tokenizer, image=_image(image), experts=chosen,
+                               settings=settings)
     typer.echo("Chat started (empty line or Ctrl-D to end).", err=True)
     while True:
         try:
@@ -202,7 +175,7 @@ def chat(
             break
         try:
             result = session.ask(question)
-        except ContextTooLongError as err:
+        except chat.ContextTooLongError as err:
             typer.secho(str(err), fg=typer.colors.RED, err=True)
             continue
         dropped = (len(session.history) - 2 - len(result.kept_history)) // 2

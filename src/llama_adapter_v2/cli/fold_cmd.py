@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from llama_adapter_v2.cli.terminal import errors_exit
 
 
 def fold(
@@ -16,20 +19,14 @@ def fold(
 ) -> None:
     """Fold ADAPTER into its base. No prompts: OUT is a stock transformers Llama folder.
     With prompts: OUT/base is the folded Llama and OUT an adapter folder keeping prompts and gates."""
-    from rich.console import Console
-
-    from llama_adapter_v2.infer.loading import model_from_adapter
-    from llama_adapter_v2.model.build import BaseModelError
-    from llama_adapter_v2.model.checkpoint import AdapterMismatchError
-    from llama_adapter_v2.model.fold import export_folded
+    from llama_adapter_v2.infer import loading  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.model import build, checkpoint  # noqa: PLC0415 - lazy, as above
+    from llama_adapter_v2.model.fold import export_folded  # noqa: PLC0415 - lazy, as above
 
     console = Console(stderr=True)
-    try:
-        with console.status(f"building the base of {adapter} and loading the adapter"):
-            model, cfg = model_from_adapter(adapter)
-    except (FileNotFoundError, AdapterMismatchError, BaseModelError) as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    with errors_exit(FileNotFoundError, checkpoint.AdapterMismatchError, build.BaseModelError), \
+            console.status(f"building the base of {adapter} and loading the adapter"):
+        model, cfg = loading.model_from_adapter(adapter)
     with console.status(f"folding into {out}"):
         stock = export_folded(model, out, tokenizer_from=cfg.model.base.path)
     if stock == out:

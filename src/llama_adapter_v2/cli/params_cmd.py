@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
+from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, errors_exit, load_or_exit
 
 
 def params(
@@ -17,33 +19,25 @@ def params(
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
 ) -> None:
     """Count trainable parameters of CONFIG per group and per kind, and the share of the frozen base."""
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    from llama_adapter_v2.config.layer_plan import AdapterConfigError
-    from llama_adapter_v2.model.build import BaseModelError, build_model
-    from llama_adapter_v2.model.params import count_parameters
-    from llama_adapter_v2.model.trainable import GROUPS, KINDS
+    from llama_adapter_v2.model import build, trainable  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.model.params import count_parameters  # noqa: PLC0415 - lazy, as above
 
     cfg = load_or_exit(config, overrides)
-    try:
-        counts = count_parameters(build_model(cfg, device="meta", dtype=torch.float32))
-    except (AdapterConfigError, BaseModelError) as err:
-        typer.secho(f"{config}: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    with errors_exit(build.BaseModelError):
+        counts = count_parameters(build.build_model(cfg, device="meta"))
     if as_json:
         typer.echo(json.dumps({"config": str(Path(config)), "name": cfg.name, **counts.as_dict()}, indent=2))
         return
     table = Table(title=f"{cfg.name}: trainable parameters")
     table.add_column("kind")
-    for group in GROUPS:
+    for group in trainable.GROUPS:
         table.add_column(group, justify="right")
     table.add_column("total", justify="right")
-    for kind in KINDS:
-        per_group = (counts.by_group_and_kind[group][kind] for group in GROUPS)
+    for kind in trainable.KINDS:
+        per_group = (counts.by_group_and_kind[group][kind] for group in trainable.GROUPS)
         table.add_row(kind, *(f"{n:,}" for n in per_group), f"{counts.by_kind[kind]:,}")
-    table.add_row("all", *(f"{counts.by_group[g]:,}" for g in GROUPS), f"{counts.trainable:,}", style="bold")
+    all_groups = (f"{counts.by_group[g]:,}" for g in trainable.GROUPS)
+    table.add_row("all", *all_groups, f"{counts.trainable:,}", style="bold")
     console = Console()
     console.print(table)
     console.print(

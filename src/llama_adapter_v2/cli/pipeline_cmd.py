@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
+from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, load_or_exit
 from llama_adapter_v2.environment import project_root
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -43,7 +43,7 @@ def summary_lines(summary: dict[str, Any], wall_seconds: float) -> list[str]:
 def pipeline(config: ConfigFile, overrides: Overrides = None) -> None:
     """Run validate-data -> train -> evaluate -> register -> promote and print a summary."""
     load_or_exit(config, overrides)  # a bad config fails here, before Prefect starts
-    from prefect.flows import load_flow_from_entrypoint
+    from prefect.flows import load_flow_from_entrypoint  # noqa: PLC0415 - lazy: CLI starts without Prefect (2 s)
 
     root = project_root()
     os.chdir(root)

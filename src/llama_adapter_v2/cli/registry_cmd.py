@@ -1,14 +1,22 @@
-"""``lav2 register`` and ``lav2 promote``: the model registry from the command line."""
+"""``lav2 register`` and ``lav2 promote``: the model registry from the command line.
+
+Each command imports the library when it runs (marked ``lazy``): ``lav2 --help`` starts without
+torch and MLflow.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
+from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, load_or_exit
+
+if TYPE_CHECKING:
+    from llama_adapter_v2.registry.promote import PromotionDecision
 
 EXIT_REFUSED = 3
 
@@ -20,22 +28,8 @@ def _read_metrics(path: Path | None) -> dict[str, float] | None:
     return {key: float(value) for key, value in raw.items() if isinstance(value, int | float)}
 
 
-def training_run_id(cfg: object) -> str:
-    """The MLflow run of the training that made the adapter; exit 2 when no checkpoint names one."""
-    from llama_adapter_v2.train.checkpoint import recorded_run_id
-
-    checkpoints = cfg.training.output_dir / "checkpoints"  # type: ignore[attr-defined]
-    run_id = recorded_run_id(checkpoints)
-    if run_id is None:
-        typer.secho(f"{checkpoints}: no complete checkpoint with an MLflow run id; pass --run-id",
-                    fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2)
-    return run_id
-
-
-def _decision_line(decision: object) -> str:
-    d = decision
-    return (f"version {d.version}: {d.outcome} (@{d.alias}: {d.champion_version}) - {d.reason}")  # type: ignore[attr-defined]
+def _decision_line(d: PromotionDecision) -> str:
+    return f"version {d.version}: {d.outcome} (@{d.alias}: {d.champion_version}) - {d.reason}"
 
 
 def register(  # noqa: PLR0917 - typer maps each parameter to an option
@@ -48,19 +42,22 @@ def register(  # noqa: PLR0917 - typer maps each parameter to an option
     overrides: Overrides = None,
 ) -> None:
     """Register ADAPTER as a new version of the configured model, with provenance and metrics tags."""
-    from dataclasses import asdict
-
-    from llama_adapter_v2.registry import promote as run_gate
-    from llama_adapter_v2.registry import register as register_version
+    from llama_adapter_v2 import registry  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.train import checkpoint  # noqa: PLC0415 - lazy, as above
 
     cfg = load_or_exit(config, overrides)
-    adapter = adapter or cfg.training.output_dir / "adapter"  # type: ignore[attr-defined]
-    run_id = run_id or training_run_id(cfg)
-    version = register_version(cfg, run_id, adapter, _read_metrics(metrics))  # type: ignore[arg-type]
+    adapter = adapter or cfg.training.output_dir / "adapter"
+    checkpoints = cfg.training.output_dir / "checkpoints"
+    run_id = run_id or checkpoint.recorded_run_id(checkpoints)
+    if run_id is None:
+        typer.secho(f"{checkpoints}: no complete checkpoint with an MLflow run id; pass --run-id",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    version = registry.register(cfg, run_id, adapter, _read_metrics(metrics))
     typer.echo(f"registered {version.name} version {version.version} (evaluation {version.evaluation})")
     record: dict[str, object] = {"version": asdict(version)}
     if promote:
-        decision = run_gate(cfg, version.version)  # type: ignore[arg-type]
+        decision = registry.promote(cfg, version.version)
         typer.echo(_decision_line(decision))
         record["promotion"] = asdict(decision)
     if out is not None:
@@ -74,9 +71,9 @@ def promote(
     overrides: Overrides = None,
 ) -> None:
     """Move the champion alias to VERSION only if it beats the champion; exit 3 when refused."""
-    from llama_adapter_v2.registry import promote as run_gate
+    from llama_adapter_v2 import registry  # noqa: PLC0415 - lazy: CLI starts without torch
 
-    decision = run_gate(load_or_exit(config, overrides), version)  # type: ignore[arg-type]
+    decision = registry.promote(load_or_exit(config, overrides), version)
     typer.echo(_decision_line(decision))
     if decision.outcome == "refused":
         raise typer.Exit(code=EXIT_REFUSED)

@@ -1,17 +1,15 @@
-"""``lav2 train``, ``demo-base``, ``demo-clip`` and ``sync-metrics`` (torch and mlflow load inside)."""
+"""``lav2 train``, ``demo-base``, ``demo-clip`` and ``sync-metrics``.
+
+Each command imports the library when it runs (marked ``lazy``): ``lav2 --help`` starts without torch.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
 
-from llama_adapter_v2.cli.config_cmd import ConfigFile, Overrides, load_or_exit
-
-
-def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, errors_exit, load_or_exit, log_to_stderr
 
 
 def train(
@@ -22,16 +20,13 @@ def train(
     ] = False,
 ) -> None:
     """Train the adapter of CONFIG (run under `torchrun --nproc_per_node N` for DDP)."""
-    _log_to_stderr()
-    from llama_adapter_v2.store import TrackingUnavailableError
-    from llama_adapter_v2.train.loop import train as run_training
+    from llama_adapter_v2 import store  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.train import loop  # noqa: PLC0415 - lazy, as above
 
+    log_to_stderr()
     cfg = load_or_exit(config, overrides)
-    try:
-        result = run_training(cfg, resume=resume)
-    except (TrackingUnavailableError, FileExistsError) as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=3) from None
+    with errors_exit(store.TrackingUnavailableError, FileExistsError, code=3):
+        result = loop.train(cfg, resume=resume)
     summary = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.final_metrics.items()))
     typer.echo(f"trained {len(result.losses)} steps in {result.seconds:.1f}s; run {result.run_id}; {summary}")
     typer.echo(f"adapter: {result.adapter_dir}  checkpoints: {result.checkpoint_dir}")
@@ -39,11 +34,10 @@ def train(
 
 def demo_base(config: ConfigFile, overrides: Overrides = None) -> None:
     """Train the demo's tiny frozen base LM and tokenizer on the demo text (writes model.base.path)."""
-    _log_to_stderr()
-    from llama_adapter_v2.train.demo_base import train_demo_base
+    from llama_adapter_v2.train.demo_base import train_demo_base  # noqa: PLC0415 - lazy: CLI starts without torch
 
-    cfg = load_or_exit(config, overrides)
-    result = train_demo_base(cfg)
+    log_to_stderr()
+    result = train_demo_base(load_or_exit(config, overrides))
     typer.echo(
         f"demo base: {result.n_texts} texts, {len(result.losses)} steps in {result.seconds:.1f}s, "
         f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {result.path}"
@@ -52,11 +46,10 @@ def demo_base(config: ConfigFile, overrides: Overrides = None) -> None:
 
 def demo_clip(config: ConfigFile, overrides: Overrides = None) -> None:
     """Train the demo's tiny CLIP tower contrastively on the training captions (writes model.vision.path)."""
-    _log_to_stderr()
-    from llama_adapter_v2.train.demo_clip import train_demo_clip
+    from llama_adapter_v2.train.demo_clip import train_demo_clip  # noqa: PLC0415 - lazy: CLI starts without torch
 
-    cfg = load_or_exit(config, overrides)
-    result = train_demo_clip(cfg)
+    log_to_stderr()
+    result = train_demo_clip(load_or_exit(config, overrides))
     typer.echo(
         f"demo CLIP: {result.n_images} images, {result.n_captions} captions, {len(result.losses)} steps in "
         f"{result.seconds:.1f}s, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}, in-batch "
@@ -66,16 +59,13 @@ def demo_clip(config: ConfigFile, overrides: Overrides = None) -> None:
 
 def sync_metrics(config: ConfigFile, overrides: Overrides = None) -> None:
     """Replay tracking records that a run could not deliver (spill files) to the tracking server."""
-    _log_to_stderr()
-    from llama_adapter_v2.store import TrackingUnavailableError
-    from llama_adapter_v2.train.tracking import sync_spills
+    from llama_adapter_v2 import store  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.train import tracking  # noqa: PLC0415 - lazy, as above
 
+    log_to_stderr()
     cfg = load_or_exit(config, overrides)
-    try:
-        outcome = sync_spills(cfg)
-    except TrackingUnavailableError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=3) from None
+    with errors_exit(store.TrackingUnavailableError, code=3):
+        outcome = tracking.sync_spills(cfg)
     for path, (delivered, remaining) in outcome.items():
         typer.echo(f"{path}: {delivered} delivered, {remaining} remaining")
     if any(remaining for _, remaining in outcome.values()):

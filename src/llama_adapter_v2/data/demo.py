@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+from rich.progress import track
 
 from llama_adapter_v2.config.schema import DataConfig, DemoDataConfig
 from llama_adapter_v2.data.shards import split_of
@@ -312,8 +313,6 @@ def demo_paths(data: DataConfig) -> tuple[Path, Path, Path, Path]:
 
 
 def draw_all(images: list[DrawnImage], folder: Path, size: int, description: str) -> None:
-    from rich.progress import track
-
     if folder.exists():
         shutil.rmtree(folder)  # generated content only: stale images must not linger
     folder.mkdir(parents=True)

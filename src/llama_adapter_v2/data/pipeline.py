@@ -22,36 +22,24 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from llama_adapter_v2.config.schema import Config
+from llama_adapter_v2.data.paths import DataPaths
 from llama_adapter_v2.data.readers import RawRecord, read_coco_listing, read_instructions
 from llama_adapter_v2.data.records import Kind, Record
-from llama_adapter_v2.data.shards import Split, write_shards
+from llama_adapter_v2.data.shards import write_shards
+from llama_adapter_v2.data.validation import (
+    RecordCountError,
+    TokenCounter,
+    ValidationStoppedError,
+    caption_rows,
+    failures_of,
+    instruction_rows,
+    run_suite,
+)
 
 KINDS: tuple[Kind, ...] = ("caption", "instruction")
 SUITE_OF: dict[Kind, str] = {"caption": "captions", "instruction": "instructions"}
 ORPHAN_RULE = "annotation points at a listed image"
 DUPLICATE_RULE = "not an exact duplicate"
-
-
-class DataPaths:
-    """Where each stage writes, under ``data.work_dir``."""
-
-    def __init__(self, work_dir: Path):
-        self.work_dir = Path(work_dir)
-        self.prepared = self.work_dir / "prepared"
-        self.images_without_captions = self.prepared / "images-without-captions.json"
-        self.validated = self.work_dir / "validated"
-        self.quarantine = self.work_dir / "quarantine"
-        self.reports = self.work_dir / "reports"
-        self.validation_metrics = self.work_dir / "validation-metrics.json"
-        self.shards = self.work_dir / "shards"
-        self.shard_metrics = self.work_dir / "shard-metrics.json"
-
-    def jsonl(self, folder: Path, kind: Kind) -> Path:
-        return folder / f"{kind}s.jsonl"
-
-    def split(self, kind: Kind, split: Split) -> Path:
-        """One split's shard folder, as ``shard`` writes it (``write_shards`` into ``shards/<kind>``)."""
-        return self.shards / kind / split
 
 
 def write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
@@ -128,8 +116,6 @@ def suite_parameters(cfg: Config) -> dict[str, Any]:
 
 def validate_kind(kind: Kind, raws: list[RawRecord], cfg: Config, counter: Any) -> dict[str, Any]:
     """GX over one kind: clean records, quarantine entries, failures and the raw GX result."""
-    from llama_adapter_v2.data.validation import caption_rows, failures_of, instruction_rows, run_suite
-
     if not raws:
         return {"clean": [], "quarantine": [], "failures": [], "gx": None}
     limits = cfg.data.validation
@@ -155,8 +141,6 @@ def validate(cfg: Config, root: Path) -> dict[str, Any]:
     Raises ``ValidationStoppedError`` (after writing the reports) when a kind's failure fraction is
     above ``data.validation.max_failure_fraction``, or on any failure with ``on_failure: stop``.
     """
-    from llama_adapter_v2.data.validation import TokenCounter, ValidationStoppedError
-
     paths = DataPaths(cfg.data.work_dir)
     limits = cfg.data.validation
     counter = TokenCounter(limits.tokenizer)
@@ -210,8 +194,6 @@ def listed(ids: list[Any]) -> dict[str, Any]:
 
 def kind_summary(total: int, outcome: dict[str, Any]) -> dict[str, Any]:
     """Counts, failures by rule, and the lists by id; raises ``RecordCountError`` if a record is lost."""
-    from llama_adapter_v2.data.validation import RecordCountError
-
     clean, quarantined = len(outcome["clean"]), len(outcome["quarantine"])
     if clean + quarantined != total:
         raise RecordCountError(f"lost records: {total} in, {clean} clean + {quarantined} quarantined")

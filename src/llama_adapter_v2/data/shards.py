@@ -22,19 +22,19 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
+import numpy as np
+import torch
+import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from llama_adapter_v2.data.formatting import IGNORE_INDEX, Tokenizer, encode_full, truncate
+from llama_adapter_v2.data.paths import SPLITS, Split
 from llama_adapter_v2.data.records import Kind, Record
 
-if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
-
-Split = Literal["train", "holdout"]
 INDEX_FILE = "index.json"
-SPLITS: tuple[Split, ...] = ("train", "holdout")
 
 
 def split_of(key: str, holdout_fraction: float) -> Split:
@@ -99,8 +99,6 @@ def _image_member(record: Record) -> tuple[str, bytes] | None:
 
 
 def _write_shard(path: Path, records: Sequence[Record], first_key: int) -> None:
-    import webdataset as wds
-
     with wds.TarWriter(str(path), mtime=0, user="lav2", group="lav2", encoder=False) as sink:
         for offset, record in enumerate(records):
             payload = record.to_dict()
@@ -167,8 +165,6 @@ def write_shards(records: Sequence[Record], kind_dir: Path, *, kind: Kind, sampl
 
 def epoch_order(count: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
     """This rank's sample positions for this epoch: an equal, disjoint slice of one permutation."""
-    import numpy as np
-
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     per_rank = count // world_size
@@ -264,8 +260,6 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     ``images`` is None when no sample in the batch has one; otherwise samples without an image
     get a zero image and ``has_image`` says which are real.
     """
-    import torch
-
     width = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -300,8 +294,6 @@ def make_loader(shard_dir: Path | str, *, tokenizer: Any, batch_size: int, max_t
                 image_transform: Callable[[Any], Any] | None, seed: int, epoch: int, rank: int = 0,
                 world_size: int = 1, skip_batches: int = 0, num_workers: int = 0) -> DataLoader:
     """Batches of one shard folder for one epoch on one rank (see the module docstring)."""
-    from torch.utils.data import DataLoader
-
     reader = ShardReader(shard_dir)
     order = epoch_order(len(reader), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][skip_batches:]

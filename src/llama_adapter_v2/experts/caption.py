@@ -12,6 +12,8 @@ from PIL import Image
 
 from llama_adapter_v2.config.schema import ExpertConfig
 from llama_adapter_v2.experts.base import ExpertUnavailableError, register_expert
+from llama_adapter_v2.infer.generation import GenerationSettings, caption_prompt, generate_texts
+from llama_adapter_v2.infer.loading import load_for_inference
 
 DEFAULT_CAPTION_MODEL = "artifacts/train/demo/adapter"
 
@@ -23,9 +25,6 @@ class CaptionExpert:
     label = "Caption"
 
     def __init__(self, source: str | Path, max_new_tokens: int = 32) -> None:
-        from llama_adapter_v2.infer.generation import GenerationSettings
-        from llama_adapter_v2.infer.loading import load_for_inference
-
         try:
             self.loaded = load_for_inference(source)
         except FileNotFoundError as error:
@@ -35,8 +34,6 @@ class CaptionExpert:
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens)
 
     def describe(self, image: Image.Image) -> str:
-        from llama_adapter_v2.infer.generation import caption_prompt, generate_texts
-
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         [caption] = generate_texts(model, tokenizer, [caption_prompt(image)], self.settings)
         return caption

@@ -12,7 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytesseract
+import rapidocr
 from PIL import Image
+from rapidocr import RapidOCR
 
 from llama_adapter_v2.config.schema import ExpertConfig
 from llama_adapter_v2.experts.base import ExpertUnavailableError, register_expert
@@ -33,12 +37,6 @@ class RapidOcrExpert:
     label = "Text in the image"
 
     def __init__(self) -> None:
-        try:
-            import rapidocr
-            from rapidocr import RapidOCR
-        except ImportError as err:
-            raise ExpertUnavailableError(f"OCR expert: rapidocr is not installed ({err}); run make setup") \
-                from None
         models = Path(rapidocr.__file__).with_name("models")
         if not any(models.glob("*.onnx")):
             # Without them RapidOCR would try to download models: refuse instead (offline by design).
@@ -51,8 +49,6 @@ class RapidOcrExpert:
 
     def describe(self, image: Image.Image) -> str:
         """Recognised text boxes in reading order, joined with single spaces."""
-        import numpy as np
-
         result = self.engine(np.asarray(image.convert("RGB")))
         return _one_line(result.txts)
 
@@ -64,8 +60,6 @@ class TesseractOcrExpert:
     label = "Text in the image"
 
     def __init__(self, language: str = "eng") -> None:
-        import pytesseract
-
         command = pytesseract.pytesseract.tesseract_cmd
         if shutil.which(command) is None:
             raise ExpertUnavailableError(
@@ -83,8 +77,6 @@ class TesseractOcrExpert:
 
     def describe(self, image: Image.Image) -> str:
         """Recognised text with runs of whitespace collapsed to single spaces."""
-        import pytesseract
-
         return _one_line([pytesseract.image_to_string(image.convert("RGB"), lang=self.language)])
 
 

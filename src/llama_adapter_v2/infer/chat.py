@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
@@ -18,9 +18,7 @@ from llama_adapter_v2.data.formatting import alpaca_prompt, prompt_text
 from llama_adapter_v2.data.records import Record, Role, Turn
 from llama_adapter_v2.infer.expert_text import Expert, expert_context
 from llama_adapter_v2.infer.generation import GenerationSettings, Prompt, generate_texts, prompt_ids
-
-if TYPE_CHECKING:
-    from llama_adapter_v2.model import LlamaAdapterV2
+from llama_adapter_v2.model.adapter import LlamaAdapterV2
 
 History = Sequence[tuple[Role, str]]
 

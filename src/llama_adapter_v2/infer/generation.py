@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from PIL import Image
+from transformers import StoppingCriteriaList
 
 from llama_adapter_v2.data.formatting import CHAT_SEPARATOR, alpaca_prompt
 from llama_adapter_v2.data.records import CAPTION_INSTRUCTION
-
-if TYPE_CHECKING:
-    import torch
-
-    from llama_adapter_v2.model import LlamaAdapterV2
+from llama_adapter_v2.model.adapter import LlamaAdapterV2
 
 
 @dataclass(frozen=True)
@@ -81,16 +79,12 @@ class _StopStrings:
         self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, tuple(stop)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
-        import torch
-
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
         done = [any(s in text for s in self.stop) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -101,8 +95,6 @@ def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 def _image_batch(model: LlamaAdapterV2, prompts: Sequence[Prompt]) -> torch.Tensor | None:
-    import torch
-
     if prompts[0].image is None:
         return None
     if model.image_transform is None:
@@ -114,7 +106,6 @@ def _image_batch(model: LlamaAdapterV2, prompts: Sequence[Prompt]) -> torch.Tens
 def _generate_batch(
     model: LlamaAdapterV2, tokenizer: Any, prompts: Sequence[Prompt], settings: GenerationSettings
 ) -> list[str]:
-    from transformers import StoppingCriteriaList
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = _left_padded([prompt_ids(tokenizer, p.text) for p in prompts], pad_id)
@@ -145,8 +136,6 @@ def generate_texts(
     settings: GenerationSettings | None = None,
 ) -> list[str]:
     """One answer per prompt, in order. Sampling is seeded by ``settings.seed`` per call."""
-    import torch
-
     settings = settings or GenerationSettings()
     if settings.temperature > 0:
         torch.manual_seed(settings.seed)

@@ -14,7 +14,7 @@ import torch
 
 from llama_adapter_v2.config.schema import Config
 from llama_adapter_v2.data.formatting import IGNORE_INDEX
-from llama_adapter_v2.data.pipeline import DataPaths
+from llama_adapter_v2.data.paths import DataPaths
 from llama_adapter_v2.data.records import Kind
 from llama_adapter_v2.data.shards import make_loader
 from llama_adapter_v2.model.adapter import LlamaAdapterV2

@@ -16,6 +16,11 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from llama_adapter_v2.config import Config
+from llama_adapter_v2.infer.chat import ContextTooLongError, answer
+from llama_adapter_v2.infer.generation import GenerationSettings
+from llama_adapter_v2.infer.loading import inference_model
+from llama_adapter_v2.model.build import load_tokenizer
+from llama_adapter_v2.registry.register import model_identity
 from llama_adapter_v2.registry.requests import (
     ImageLimits,
     RequestError,
@@ -31,10 +36,6 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
     """Answers questions about an image with the adapted frozen Llama."""
 
     def load_context(self, context: Any) -> None:
-        from llama_adapter_v2.infer.loading import inference_model
-        from llama_adapter_v2.model.build import load_tokenizer
-        from llama_adapter_v2.registry.register import model_identity
-
         settings = context.model_config
         self.cfg = Config.model_validate(json.loads(settings["config"]))
         found = model_identity(self.cfg)
@@ -49,9 +50,6 @@ class AdapterChatModel(mlflow.pyfunc.PythonModel):
         self.limits = ImageLimits.for_config(self.cfg)
 
     def _answer(self, image: Any, instruction: str, history: list[tuple[str, str]], max_new: int) -> str:
-        from llama_adapter_v2.infer.chat import ContextTooLongError, answer
-        from llama_adapter_v2.infer.generation import GenerationSettings
-
         try:
             return answer(self.model, self.tokenizer, image, instruction, history,  # type: ignore[arg-type]
                           settings=GenerationSettings(max_new_tokens=max_new))

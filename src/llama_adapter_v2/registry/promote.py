@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from mlflow.exceptions import MlflowException
+
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.registry.register import METRIC_TAG_PREFIX, TAG_EVALUATION
 from llama_adapter_v2.store import use_tracking
@@ -72,8 +74,6 @@ def _refusal(tags: dict[str, str], status: str, metric: str) -> str | None:
 
 def decide(cfg: Config, version: str) -> PromotionDecision:
     """Compare ``version`` with the current alias holder; changes nothing."""
-    from mlflow.exceptions import MlflowException
-
     rule = cfg.tracking.promotion
     client = use_tracking(cfg)
     name = cfg.tracking.registered_model

@@ -14,9 +14,14 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.environment import project_root
@@ -81,9 +86,6 @@ def evaluation_status(metrics: dict[str, float] | None) -> str:
 
 
 def _signature() -> object:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
     inputs = Schema([
         ColSpec("string", "image"),
         ColSpec("string", "instruction"),
@@ -94,8 +96,6 @@ def _signature() -> object:
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "mlflow", "pillow", "pandas")]
 
 
@@ -117,9 +117,6 @@ def register(
     cfg: Config, run_id: str, adapter_dir: Path, metrics: dict[str, float] | None
 ) -> RegisteredVersion:
     """Log the adapter as a pyfunc into ``run_id`` and make it a new version of the registered model."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} not found: train first")

@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import Progress
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_adapter_v2.config.schema import Config
 from llama_adapter_v2.data.formatting import segments
 from llama_adapter_v2.data.readers import read_coco, read_instructions
 from llama_adapter_v2.data.records import Record
 from llama_adapter_v2.data.shards import split_of
+from llama_adapter_v2.data.tokenizer import train_tokenizer
 from llama_adapter_v2.train.optim import WarmupHalfCosine
 
 
@@ -97,11 +100,6 @@ def _batches(sequences: list[list[int]], batch_size: int, pad_id: int, rng: rand
 
 def train_demo_base(cfg: Config, records: list[Record] | None = None) -> DemoBaseResult:
     """Train tokenizer + tiny Llama on the demo text; write them atomically to the base path."""
-    from rich.progress import Progress
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llama_adapter_v2.data.tokenizer import train_tokenizer
-
     base = cfg.model.base
     if base.path is None or base.arch is None:
         raise ValueError(

@@ -23,8 +23,13 @@ from typing import Any
 
 import torch
 from PIL import Image
+from rich.progress import Progress
+from transformers import CLIPConfig, CLIPModel
 
 from llama_adapter_v2.config.schema import Config
+from llama_adapter_v2.data.records import CAPTION_INSTRUCTION
+from llama_adapter_v2.data.tokenizer import train_tokenizer
+from llama_adapter_v2.model.vision import ClipImageTransform
 from llama_adapter_v2.train.demo_base import demo_records
 from llama_adapter_v2.train.optim import WarmupHalfCosine
 
@@ -90,8 +95,6 @@ def _batch(pairs: list[ImageCaptions], chosen: list[int], rng: random.Random, pa
 
 def build_clip_model(cfg: Config, tokenizer: Any) -> Any:
     """A ``CLIPModel`` whose vision tower is ``model.vision.arch`` and whose text tower is tiny."""
-    from transformers import CLIPConfig, CLIPModel
-
     vision = cfg.model.vision.arch
     if vision is None:
         raise ValueError("model.vision.arch: the demo CLIP stage needs the tower's shape to train it")
@@ -123,8 +126,6 @@ def _contrastive_steps(
     model: Any, pairs: list[ImageCaptions], settings: Any, pad_id: int
 ) -> tuple[list[float], list[float]]:
     """Run the steps; returns the loss and the in-batch image-to-caption accuracy of each."""
-    from rich.progress import Progress
-
     batch_size = min(settings.batch_size, len(pairs))
     rng = random.Random(settings.seed)
     optimizer = _optimizer(model, settings)
@@ -162,10 +163,6 @@ def _contrastive_steps(
 
 def train_demo_clip(cfg: Config) -> DemoClipResult:
     """Train the tiny CLIP on the training split's image-caption pairs; write it atomically."""
-    from llama_adapter_v2.data.records import CAPTION_INSTRUCTION
-    from llama_adapter_v2.data.tokenizer import train_tokenizer
-    from llama_adapter_v2.model.vision import ClipImageTransform
-
     vision = cfg.model.vision
     if vision.path is None or vision.arch is None:
         raise ValueError(

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from llama_adapter_v2.config.schema import TrainingConfig
 
@@ -123,9 +125,6 @@ def shard_units(model: Any) -> list[nn.Module]:
 
 def shard_model(model: nn.Module, ctx: DistContext) -> None:
     """fully_shard every unit, then the model as root (in place; parameters become DTensors)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh)
@@ -133,8 +132,6 @@ def shard_model(model: nn.Module, ctx: DistContext) -> None:
 
 
 def _sharded_root(module: nn.Module) -> Any:
-    from torch.distributed.fsdp import FSDPModule
-
     inner = getattr(module, "model", module)
     return inner if isinstance(inner, FSDPModule) else None
 
@@ -166,8 +163,6 @@ def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
 
 def reshard(module: nn.Module) -> None:
     """Free gathered weights: the FSDP2 root stays gathered after a no-grad forward."""
-    from torch.distributed.fsdp import FSDPModule
-
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.reshard()

@@ -21,7 +21,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.data.pipeline import DataPaths
+from llama_adapter_v2.data.paths import DataPaths
 from llama_adapter_v2.data.shards import INDEX_FILE, ShardIndex
 from llama_adapter_v2.environment import project_root
 from llama_adapter_v2.infer.holdout import holdout_loss_sums, mean_loss

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.data.pipeline import DataPaths
+from llama_adapter_v2.data.paths import DataPaths
 from llama_adapter_v2.data.shards import make_loader
 from llama_adapter_v2.train.distributed import DistContext
 from llama_adapter_v2.train.schedule import Task

@@ -19,6 +19,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
 from llama_adapter_v2.config.schema import Config
 from llama_adapter_v2.store import check_reachable, ensure_experiment, tracking_uri, use_tracking
 
@@ -52,15 +55,11 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _metrics_of(record: Record) -> list[Any]:
-    from mlflow.entities import Metric
-
     return [Metric(key=k, value=float(v), timestamp=int(t), step=int(s)) for k, v, t, s in record["metrics"]]
 
 
 def deliver(client: Any, record: Record) -> None:
     """Send one record to MLflow; raises on any failure so the caller can spill it."""
-    from mlflow.entities import Param, RunTag
-
     run_id = record["run_id"]
     kind = record["kind"]
     if kind == "metrics":
@@ -204,8 +203,6 @@ class MlflowTracker(Tracker):
         self.submit({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def start_system_metrics(self, uri: str, interval_s: float = 10.0) -> None:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         self._system_monitor = SystemMetricsMonitor(
             self.run_id, sampling_interval=interval_s, tracking_uri=uri
         )
