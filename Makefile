@@ -24,7 +24,7 @@ QUIET_PIP := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory'
 help:
 	@echo "make demo   - the whole pipeline on the demo config (sets up .venv on first use)"
 	@echo "make test   - lint and the test suite (sets up .venv on first use)"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff and the import contracts (lint-imports)"
 	@echo "make bench  - benchmarks against peers (benchmarks/README.md; creates benchmarks/.venv-litgpt)"
 
 $(STAMP): pyproject.toml requirements/lock.txt
@@ -41,9 +41,11 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests flows benchmarks fuzz
+	$(BIN)/lint-imports
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests flows benchmarks fuzz
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 # LitGPT pins a huggingface-hub that breaks transformers 5.x: it gets its own venv, torch pinned first
