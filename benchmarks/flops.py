@@ -68,7 +68,7 @@ def vision_tower_params(vision: VisionShape) -> int:
 
 
 def visual_path_flops(vision: VisionShape, llama_width: int, images: int) -> float:
-    """Frozen tower forward (2 x), then the trainable bridge (6 x) of METHOD.md section 3.
+    """Frozen tower forward (2 x), then the trainable bridge (6 x) of docs/METHOD.md §3.
 
     clip_proj sees the CLIP tokens, the bridge blocks (attention + 4x MLP) see query + CLIP
     tokens, visual_proj sees the query outputs only.

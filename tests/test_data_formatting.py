@@ -1,4 +1,4 @@
-"""Prompt templates and loss masks (METHOD.md section 5) on the demo tokenizer."""
+"""Prompt templates and loss masks (docs/METHOD.md §5) on the demo tokenizer."""
 
 from __future__ import annotations
 

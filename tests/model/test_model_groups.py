@@ -137,7 +137,7 @@ def test_an_unknown_group_name_is_refused() -> None:
 
 
 def test_each_declaration_matches_the_method_table() -> None:
-    """The groups of METHOD.md §4 and MM's decay rule (matrices only), restated here by name."""
+    """The groups of docs/METHOD.md §4 and MM's decay rule (matrices only), restated here by name."""
     model = build_model(tiny_config({"lora_rank": 2}))
     kinds = {"bias": "bias", "scale": "scale", "lora_a": "lora", "lora_b": "lora", "gate": "gate",
              "prompt": "prompt", "weight": "norm"}

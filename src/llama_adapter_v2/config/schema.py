@@ -122,7 +122,7 @@ class VisionTowerConfig(Strict):
 
 
 class VisualBridgeConfig(Strict):
-    """The trainable path from CLIP tokens to visual prompts (METHOD.md section 3)."""
+    """The trainable path from CLIP tokens to visual prompts (docs/METHOD.md §3)."""
 
     n_query: PositiveInt = 10
     width: PositiveInt = 768
@@ -138,7 +138,7 @@ class VisualBridgeConfig(Strict):
 
 
 class AdapterConfig(Strict):
-    """Every switch of METHOD.md section 1; defaults are the paper's."""
+    """Every switch of docs/METHOD.md §1; defaults are the paper's."""
 
     bias_targets: list[LinearName] = Field(default_factory=lambda: list(ALL_LINEARS))
     scale_position: Literal["output", "input", "none"] = "output"

@@ -1,4 +1,4 @@
-"""Prompt templates and loss masks (METHOD.md section 5).
+"""Prompt templates and loss masks (docs/METHOD.md §5).
 
 The model learns only what the assistant says: every prompt, system and user token gets the
 label -100, every response token (and the closing EOS) its own id. The prompt and each response

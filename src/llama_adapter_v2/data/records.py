@@ -91,7 +91,7 @@ class Record:
 
 
 def caption_record(record_id: str, source: str, caption: str, image: str, meta: dict[str, Any]) -> Record:
-    """Captions are Alpaca records with the fixed caption instruction (METHOD.md section 5)."""
+    """Captions are Alpaca records with the fixed caption instruction (docs/METHOD.md §5)."""
     return Record(
         id=record_id,
         source=source,

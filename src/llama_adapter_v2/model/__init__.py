@@ -1,4 +1,4 @@
-"""LLaMA-Adapter V2 on a frozen transformers Llama and CLIP tower (METHOD.md).
+"""LLaMA-Adapter V2 on a frozen transformers Llama and CLIP tower (docs/METHOD.md).
 
 One file per piece: ``trainable`` (what trains: each adapter module's declaration),
 ``adapter_linear`` (bias, scale, LoRA), ``attention`` (gated prompts), ``vision`` (CLIP tokens

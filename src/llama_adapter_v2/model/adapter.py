@@ -1,4 +1,4 @@
-"""LLaMA-Adapter V2 around a frozen transformers ``LlamaForCausalLM`` and CLIP tower.
+"""LLaMA-Adapter V2 around a frozen transformers ``LlamaForCausalLM`` and CLIP tower (docs/METHOD.md §1-§4).
 
 Wrapping happens in place: the seven linears of every decoder layer become ``AdaptedLinear``
 (bias, scale, optional LoRA), the attention of the adapted layers becomes
@@ -217,7 +217,7 @@ class LlamaAdapterV2(nn.Module):
         """Prompt keys and values of every adapted layer for this call (text-only: no visual ones).
 
         ``image_mask`` (B,) marks the rows of a mixed batch that really have an image; the
-        others get no visual prompts at all (MM feeds them a zero image instead; we do not).
+        others get no visual prompts at all (docs/METHOD.md §3: MM feeds them a zero image instead).
         """
         visual = self.visual_prompts(images, batch)
         row_mask = None

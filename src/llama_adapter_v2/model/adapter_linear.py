@@ -1,4 +1,4 @@
-"""Bias, scale and optional LoRA around one frozen ``nn.Linear`` (METHOD.md sections 1 and 7).
+"""Bias, scale and optional LoRA around one frozen ``nn.Linear`` (docs/METHOD.md §1 and §7).
 
 The frozen layer is held by reference, never copied. At initialisation (bias 0, scale 1,
 LoRA ``B`` 0) the output is bit-for-bit the frozen layer's output: adding zero and
@@ -102,7 +102,7 @@ class AdaptedLinear(AdapterModule):
 
     @torch.no_grad()
     def folded(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing the same function (METHOD.md section 7), LoRA merged too."""
+        """A plain ``nn.Linear`` computing the same function (docs/METHOD.md §7), LoRA merged too."""
         weight = self.frozen.weight.clone()
         if self.lora_a is not None and self.lora_b is not None:
             weight += (self.lora_b @ self.lora_a) * self.lora_scaling

@@ -1,4 +1,4 @@
-"""Llama self-attention with gated prompt tokens (METHOD.md section 2).
+"""Llama self-attention with gated prompt tokens (docs/METHOD.md §2).
 
 The text path is transformers' own: rotary embedding, KV cache, and the attention function
 the config names (eager or sdpa). The prompt path is a second, unmasked softmax over prompt

@@ -1,4 +1,4 @@
-"""Fold bias, scale and LoRA into the frozen weights for inference (METHOD.md section 7).
+"""Fold bias, scale and LoRA into the frozen weights for inference (docs/METHOD.md §7).
 
 ``s * (W x + b)`` becomes ``W' = diag(s) W, b' = s * b``; ``W (s * x) + b`` becomes
 ``W' = W diag(s), b' = b``; LoRA merges as ``W + (alpha / r) B A``. Every decoder linear then

@@ -1,4 +1,4 @@
-"""The visual path (METHOD.md section 3): frozen CLIP tokens -> trainable bridge -> visual prompts.
+"""The visual path (docs/METHOD.md §3): frozen CLIP tokens -> trainable bridge -> visual prompts.
 
 image -> frozen CLIP tower -> all last-layer tokens (CLS + patches), post-layernorm and the
       CLIP visual projection when the tower has one (as the MM release does)

@@ -1,8 +1,8 @@
 """One AdamW per parameter group, each with its own warm-up + half-cosine schedule.
 
-The visual and language groups are trained on different data (METHOD.md section 4), so each
+The visual and language groups are trained on different data (docs/METHOD.md §4), so each
 has its own optimizer, learning rate, weight decay and step counter: a caption step advances
-only the visual schedule. Defaults follow the released code (METHOD.md section 5): betas
+only the visual schedule. Defaults follow the released code (docs/METHOD.md §5): betas
 (0.9, 0.95), weight decay where the parameter's declaration says so (matrices; not biases and
 1-D parameters), lr = base_lr * batch / 256.
 """
