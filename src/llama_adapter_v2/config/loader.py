@@ -16,13 +16,15 @@ from pydantic import BaseModel, ValidationError
 
 from llama_adapter_v2.config.layer_plan import AdapterConfigError, plan_layers
 from llama_adapter_v2.config.schema import (
+    BaseLlamaConfig,
     ClipVisionArch,
     Config,
     LlamaArch,
+    VisionTowerConfig,
 )
 
-LLAMA_MODEL_TYPES = {"llama"}
-CLIP_MODEL_TYPES = {"clip", "clip_vision_model"}
+LLAMA_MODEL_TYPES = frozenset({"llama"})
+CLIP_MODEL_TYPES = frozenset({"clip", "clip_vision_model"})
 
 
 class ConfigError(ValueError):
@@ -163,27 +165,23 @@ def _architecture_problems(
                 )
 
 
-def resolved_llama_arch(cfg: Config) -> LlamaArch:
-    """The base architecture: from the local folder when present, else the declared one."""
-    base = cfg.model.base
-    if base.path is not None and base.path.exists():
-        arch, why = checkpoint_llama_arch(base.path)
+def _resolved_arch(part: BaseLlamaConfig | VisionTowerConfig, key: str, read: Any) -> Any:
+    """A part's architecture: from its local folder when present, else the declared one."""
+    if part.path is not None and part.path.exists():
+        arch, why = read(part.path)
         if arch is None:
-            raise ConfigError(base.path, [("model.base.path", why or "unreadable")])
+            raise ConfigError(part.path, [(f"{key}.path", why or "unreadable")])
         return arch
-    assert base.arch is not None  # guaranteed by validation
-    return base.arch
+    assert part.arch is not None  # guaranteed by validation
+    return part.arch
+
+
+def resolved_llama_arch(cfg: Config) -> LlamaArch:
+    return _resolved_arch(cfg.model.base, "model.base", checkpoint_llama_arch)
 
 
 def resolved_clip_arch(cfg: Config) -> ClipVisionArch:
-    vision = cfg.model.vision
-    if vision.path is not None and vision.path.exists():
-        arch, why = checkpoint_clip_arch(vision.path)
-        if arch is None:
-            raise ConfigError(vision.path, [("model.vision.path", why or "unreadable")])
-        return arch
-    assert vision.arch is not None
-    return vision.arch
+    return _resolved_arch(cfg.model.vision, "model.vision", checkpoint_clip_arch)
 
 
 def _layer_problems(cfg: Config, n_layers: int) -> list[tuple[str, str]]:

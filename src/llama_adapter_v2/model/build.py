@@ -76,15 +76,19 @@ def _existing_folder(path: Path | None, key: str, device: torch.device) -> Path 
     )
 
 
+def _config_json_of_type(folder: Path, key: str, model_types: frozenset[str], wanted: str) -> dict[str, Any]:
+    """``config.json`` of a folder that must hold one of ``model_types``; the error says what is wanted."""
+    data = _config_json(folder, key)
+    if data.get("model_type") not in model_types:
+        raise BaseModelError(f"{key}: {folder} holds a {data.get('model_type')!r} model; {wanted}")
+    return data
+
+
 def llama_config(base: BaseLlamaConfig) -> LlamaConfig:
     """The transformers config of the base: from its folder when present, else from ``arch``."""
     if base.path is not None and base.path.exists():
-        data = _config_json(base.path, "model.base.path")
-        if data.get("model_type") not in LLAMA_MODEL_TYPES:
-            raise BaseModelError(
-                f"model.base.path: {base.path} holds a {data.get('model_type')!r} model; LLaMA-Adapter V2 "
-                "wraps Llama-family checkpoints (config.json model_type 'llama') only"
-            )
+        wanted = "LLaMA-Adapter V2 wraps Llama-family checkpoints (config.json model_type 'llama') only"
+        _config_json_of_type(base.path, "model.base.path", LLAMA_MODEL_TYPES, wanted)
         config = LlamaConfig.from_pretrained(base.path, local_files_only=True)
     else:
         assert base.arch is not None  # the schema demands path or arch
@@ -123,12 +127,8 @@ def build_clip(vision: VisionTowerConfig, *, device: torch.device, dtype: torch.
     """The frozen CLIP vision tower, with its visual projection when the checkpoint has one."""
     folder = _existing_folder(vision.path, "model.vision.path", device)
     if vision.path is not None and vision.path.exists():
-        data = _config_json(vision.path, "model.vision.path")
-        if data.get("model_type") not in CLIP_MODEL_TYPES:
-            raise BaseModelError(
-                f"model.vision.path: {vision.path} holds a {data.get('model_type')!r} model, "
-                "not a CLIP checkpoint"
-            )
+        wanted = "not a CLIP checkpoint"
+        data = _config_json_of_type(vision.path, "model.vision.path", CLIP_MODEL_TYPES, wanted)
         config = CLIPVisionConfig.from_pretrained(vision.path, local_files_only=True)
         if data["model_type"] == "clip":  # a full CLIP folder keeps the projection width at the top
             config.projection_dim = data.get("projection_dim", config.projection_dim)
