@@ -1,6 +1,6 @@
 """MLflow model registry: register each trained adapter as a pyfunc, promote it behind a gate.
 
-Imports mlflow lazily inside functions so ``import llama_adapter_v2.registry`` stays light.
+The served pyfunc (``pyfunc_model`` -> ``answering``) answers through ``infer.chat``.
 """
 
 from llama_adapter_v2.registry.promote import PromotionDecision, promote
