@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import image_batch, move_gates, perturb_adapter, tiny_config, token_batch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from llama_adapter_v2.cli.main import app
@@ -17,7 +18,7 @@ from llama_adapter_v2.model.adapter import LlamaAdapterV2
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
 from llama_adapter_v2.model.build import build_base, build_model
 from llama_adapter_v2.model.checkpoint import load_adapter, save_adapter, saved_model_config
-from llama_adapter_v2.model.fold import fold_adapter
+from llama_adapter_v2.model.fold import FOLDED_BASE_DIR, export_folded, fold_adapter
 
 NO_PROMPTS: dict[str, Any] = {"prompt_len": 0, "visual_layers": 0}
 
@@ -98,3 +99,42 @@ def test_lav2_fold_with_prompts_keeps_prompts_over_a_folded_base(tmp_path: Path)
             _max_difference(model(tokens, images=images).logits, reloaded(tokens, images=images).logits)
             < 1e-5
         )
+
+
+def _stock_keys(folder: Path) -> set[str]:
+    """The weights a stock transformers Llama of this folder's config expects."""
+    config = LlamaConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        return set(LlamaForCausalLM(config).state_dict())
+
+
+def test_export_writes_exactly_the_stock_weights_and_the_tokenizer_beside_them(tmp_path: Path) -> None:
+    model = _trained(tiny_config({"lora_rank": 2}))
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text('{"made": "here"}')
+    base_dir = export_folded(model, tmp_path / "out", tokenizer_from=tmp_path / "tokenizer")
+    assert base_dir == tmp_path / "out" / FOLDED_BASE_DIR
+    assert set(load_file(str(base_dir / "model.safetensors"))) == _stock_keys(base_dir)
+    assert (base_dir / "tokenizer.json").read_text() == '{"made": "here"}'
+
+
+@pytest.mark.parametrize(
+    "adapter", [{"visual_layers": 0}, {"prompt_len": 0}], ids=["prompts-only", "visual-only"]
+)
+def test_prompts_or_a_visual_path_alone_keep_the_export_an_adapter_folder(
+    tmp_path: Path, adapter: dict[str, Any]
+) -> None:
+    model = _trained(tiny_config(adapter))
+    assert export_folded(model, tmp_path / "out") == tmp_path / "out" / FOLDED_BASE_DIR
+    assert (tmp_path / "out" / "adapter.json").is_file()
+
+
+def test_folding_gives_every_decoder_linear_a_bias_zero_where_the_adapter_had_none() -> None:
+    only_q_and_o = {"bias_targets": ["q_proj", "o_proj"], "scale_position": "none"}
+    model = _trained(tiny_config(NO_PROMPTS | only_q_and_o))
+    fold_adapter(model)
+    for layer in model.base.model.layers:
+        for linear in (layer.self_attn.k_proj, layer.mlp.up_proj):
+            assert type(linear) is torch.nn.Linear and linear.bias is not None
+            assert torch.equal(linear.bias, torch.zeros_like(linear.bias)) and not linear.bias.requires_grad
+        assert layer.self_attn.q_proj.bias.abs().max() > 0  # the trained bias, folded

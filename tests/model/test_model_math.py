@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny_models import TINY_LLAMA, image_batch, tiny_config, token_batch
 from torch import nn
 from torch.nn import functional
@@ -22,8 +24,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from llama_adapter_v2.model.adapter import LlamaAdapterV2
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
 from llama_adapter_v2.model.attention import PromptedLlamaAttention
-from llama_adapter_v2.model.build import build_model
-from llama_adapter_v2.model.vision import BridgeBlock
+from llama_adapter_v2.model.build import build_base, build_model
+from llama_adapter_v2.model.vision import CLIP_MEAN, CLIP_STD, BridgeBlock, ClipImageTransform
 
 HEADS, KV_HEADS = TINY_LLAMA["num_attention_heads"], TINY_LLAMA["num_key_value_heads"]
 HEAD_DIM = TINY_LLAMA["hidden_size"] // HEADS
@@ -276,3 +278,106 @@ def test_the_visual_path_reaches_the_logits_only_through_a_moved_gate() -> None:
         moved = (model(tokens, images=image_batch(seed=0)).logits
                  - model(tokens, images=image_batch(seed=1)).logits)
     assert moved.abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------- where the pieces go
+
+
+def test_lora_goes_on_its_targets_with_alpha_over_rank_and_bias_and_scale_on_theirs() -> None:
+    adapter = {"lora_rank": 2, "lora_alpha": 6.0, "lora_targets": ["q_proj", "down_proj"],
+               "bias_targets": ["o_proj", "down_proj"]}
+    model = build_model(tiny_config(adapter))
+    layer = model.base.model.layers[1]
+    owners = {"q_proj": layer.self_attn, "k_proj": layer.self_attn, "o_proj": layer.self_attn,
+              "down_proj": layer.mlp, "up_proj": layer.mlp}
+    for name, owner in owners.items():
+        linear = getattr(owner, name)
+        if name in ("k_proj", "up_proj"):  # in neither list: the plain frozen layer
+            assert type(linear) is nn.Linear
+            continue
+        assert isinstance(linear, AdaptedLinear)
+        assert (linear.lora_a is not None) == (name in adapter["lora_targets"]), name
+        assert (linear.bias is not None) == (name in adapter["bias_targets"]), name
+        if linear.lora_a is not None:
+            assert linear.lora_scaling == 6.0 / 2
+            assert linear.lora_a.shape == (2, linear.in_features)
+    declared = {name.rsplit(".", 1)[-1] for name, _ in model.adapter_named_parameters()
+                if ".layers.1.self_attn.q_proj." in name}
+    assert declared == {"lora_a", "lora_b"}  # a LoRA-only linear declares no bias or scale
+
+
+def test_a_bf16_base_gets_its_adapter_beside_it_in_bf16() -> None:
+    model = build_model(tiny_config({"lora_rank": 2}), dtype=torch.bfloat16)
+    assert {p.dtype for _, p in model.adapter_named_parameters()} == {torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- the text path around it
+
+
+def test_the_attention_mask_reaches_the_base_as_transformers_applies_it() -> None:
+    """At the start the model is the frozen base: with left padding and its mask, bit for bit."""
+    cfg = tiny_config()
+    model = build_model(cfg).eval()
+    base = build_base(cfg.model.base, device=torch.device("cpu"), dtype=torch.float32)
+    tokens = token_batch()
+    mask = torch.ones_like(tokens)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        expected = base(tokens, attention_mask=mask).logits
+        assert not torch.equal(expected, base(tokens).logits)  # the mask matters for this batch
+        assert torch.equal(model(tokens, attention_mask=mask).logits, expected)
+
+
+def test_the_loss_of_one_supervised_token_is_its_cross_entropy() -> None:
+    model = build_model(tiny_config()).eval()
+    tokens = token_batch(batch=1)
+    labels = torch.full_like(tokens, -100)
+    labels[0, 5] = tokens[0, 5]
+    with torch.no_grad():
+        logits = model(tokens).logits
+        loss = model(tokens, labels=labels).loss
+    expected = -torch.log_softmax(logits[0, 4], dim=-1)[tokens[0, 5]]  # position 4 predicts token 5
+    assert loss is not None and torch.allclose(loss, expected, atol=1e-5, rtol=0)
+
+
+def test_prompts_shared_or_per_sample_meet_every_row_of_a_larger_batch() -> None:
+    """A prompt of batch 1 serves every row; a per-sample prompt of batch 2 serves rows 0, 0, 1, 1 of
+    a batch of 4 (beam search and several samples per prompt repeat each input in place)."""
+    model = build_model(tiny_config()).eval()
+    attention = model.base.model.layers[3].self_attn
+    assert isinstance(attention, PromptedLlamaAttention) and attention.prompt is not None
+    with torch.no_grad():
+        attention.gate.fill_(1.0)
+        x = torch.randn(4, 5, TINY_LLAMA["hidden_size"], generator=_generator(70))
+        cos, sin = model.base.model.rotary_emb(x, torch.arange(5).unsqueeze(0))
+        per_sample = attention.prompt.unsqueeze(0) + torch.randn(2, 1, TINY_LLAMA["hidden_size"],
+                                                                 generator=_generator(71))
+        one = {3: attention.prompt_kv(attention.prompt[None])}
+        shared, _ = attention(x[:3], (cos, sin), adapter_prompts=one)
+        repeated, _ = attention(x, (cos, sin), adapter_prompts={3: attention.prompt_kv(per_sample)})
+        text_only, _ = attention(x, (cos, sin), adapter_prompts=None)
+        for row in range(3):
+            expected = _prompt_term_by_hand(attention, x[row:row + 1], cos, sin, attention.prompt)
+            assert torch.allclose(shared[row] - text_only[row], expected[0], atol=2e-6, rtol=1e-4)
+        for row in range(4):
+            expected = _prompt_term_by_hand(attention, x[row:row + 1], cos, sin, per_sample[row // 2])
+            assert torch.allclose(repeated[row] - text_only[row], expected[0], atol=2e-6, rtol=1e-4)
+
+
+def test_images_for_another_batch_size_are_refused() -> None:
+    model = build_model(tiny_config())
+    with pytest.raises(ValueError, match="3 images for a batch of 2 token sequences"):
+        model(token_batch(batch=2), images=image_batch(batch=3))
+
+
+def test_image_transform_resizes_the_shorter_side_then_crops_the_centre() -> None:
+    """A 30x20 grey ramp at 10 px: bicubic to 15x10, the 10 columns from x = 2, CLIP's mean and std."""
+    ramp = Image.fromarray(np.tile(np.arange(0, 240, 8, dtype=np.uint8), (20, 1)), mode="L")
+    rgb = np.asarray(ramp.convert("RGB").resize((15, 10), Image.Resampling.BICUBIC).crop((2, 0, 12, 10)))
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    expected = (torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1) - mean) / std
+    assert torch.allclose(ClipImageTransform(10)(ramp), expected, atol=1e-6, rtol=0)
+    tall = ramp.transpose(Image.Transpose.TRANSPOSE)  # 20x30: the crop moves down instead
+    rgb = np.asarray(tall.convert("RGB").resize((10, 15), Image.Resampling.BICUBIC).crop((0, 2, 10, 12)))
+    expected = (torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1) - mean) / std
+    assert torch.allclose(ClipImageTransform(10)(tall), expected, atol=1e-6, rtol=0)
