@@ -116,6 +116,8 @@ def test_export_writes_exactly_the_stock_weights_and_the_tokenizer_beside_them(t
     assert base_dir == tmp_path / "out" / FOLDED_BASE_DIR
     assert set(load_file(str(base_dir / "model.safetensors"))) == _stock_keys(base_dir)
     assert (base_dir / "tokenizer.json").read_text() == '{"made": "here"}'
+    recorded = saved_model_config(tmp_path / "out").base  # the folded base, by path only
+    assert recorded.path == base_dir and recorded.arch is None
 
 
 @pytest.mark.parametrize(

@@ -341,16 +341,16 @@ def test_the_loss_of_one_supervised_token_is_its_cross_entropy() -> None:
 
 
 def test_prompts_shared_or_per_sample_meet_every_row_of_a_larger_batch() -> None:
-    """A prompt of batch 1 serves every row; a per-sample prompt of batch 2 serves rows 0, 0, 1, 1 of
-    a batch of 4 (beam search and several samples per prompt repeat each input in place)."""
+    """A prompt of batch 1 serves every row; a per-sample prompt of batch 3 serves rows 0, 0, 0, 1, ...
+    of a batch of 9 (beam search and several samples per prompt repeat each input in place)."""
     model = build_model(tiny_config()).eval()
     attention = model.base.model.layers[3].self_attn
     assert isinstance(attention, PromptedLlamaAttention) and attention.prompt is not None
     with torch.no_grad():
         attention.gate.fill_(1.0)
-        x = torch.randn(4, 5, TINY_LLAMA["hidden_size"], generator=_generator(70))
+        x = torch.randn(9, 5, TINY_LLAMA["hidden_size"], generator=_generator(70))
         cos, sin = model.base.model.rotary_emb(x, torch.arange(5).unsqueeze(0))
-        per_sample = attention.prompt.unsqueeze(0) + torch.randn(2, 1, TINY_LLAMA["hidden_size"],
+        per_sample = attention.prompt.unsqueeze(0) + torch.randn(3, 1, TINY_LLAMA["hidden_size"],
                                                                  generator=_generator(71))
         one = {3: attention.prompt_kv(attention.prompt[None])}
         shared, _ = attention(x[:3], (cos, sin), adapter_prompts=one)
@@ -359,9 +359,21 @@ def test_prompts_shared_or_per_sample_meet_every_row_of_a_larger_batch() -> None
         for row in range(3):
             expected = _prompt_term_by_hand(attention, x[row:row + 1], cos, sin, attention.prompt)
             assert torch.allclose(shared[row] - text_only[row], expected[0], atol=2e-6, rtol=1e-4)
-        for row in range(4):
-            expected = _prompt_term_by_hand(attention, x[row:row + 1], cos, sin, per_sample[row // 2])
+        for row in range(9):
+            expected = _prompt_term_by_hand(attention, x[row:row + 1], cos, sin, per_sample[row // 3])
             assert torch.allclose(repeated[row] - text_only[row], expected[0], atol=2e-6, rtol=1e-4)
+
+
+def test_lora_a_starts_as_nn_linear_initialises_a_weight_and_b_at_zero() -> None:
+    """Kaiming-uniform with a = sqrt(5): bound 1 / sqrt(fan_in), as PEFT's LoRA and nn.Linear."""
+    torch.manual_seed(0)
+    frozen = nn.Linear(64, 8, bias=False)
+    adapted = AdaptedLinear(frozen, bias=False, scale_position="none", lora_rank=4)
+    assert adapted.lora_a is not None and adapted.lora_b is not None
+    bound = 1 / math.sqrt(64)
+    largest = float(adapted.lora_a.abs().max())
+    assert 0.95 * bound < largest <= bound  # 256 draws: the largest lies within 5 % of the bound
+    assert torch.equal(adapted.lora_b, torch.zeros(8, 4))
 
 
 def test_images_for_another_batch_size_are_refused() -> None:
