@@ -189,7 +189,6 @@ def test_runner_runs_children_interleaved_and_logs_to_mlflow(tmp_path: Path, rep
     assert "| matmul_ceiling | GFLOP/s |" in markdown
     assert "| train_litgpt_adapter_v2 | - |" in markdown and "not available" in markdown
 
-
     client = mlflow.MlflowClient(tracking_uri=uri)
     [run] = client.search_runs([client.get_experiment_by_name(report.EXPERIMENT).experiment_id])
     assert run.data.metrics["matmul_ceiling.median"] == pytest.approx(matmul["median"])

@@ -22,6 +22,7 @@ from llama_adapter_v2.evaluate.instruction_metrics import InstructionSample, sco
 from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
 from llama_adapter_v2.infer.chat import ChatSession
 from llama_adapter_v2.infer.generation import GenerationSettings, generate_texts, instruction_prompt
+from llama_adapter_v2.infer.loading import load_for_inference
 from llama_adapter_v2.model.build import build_model, load_tokenizer
 from llama_adapter_v2.model.checkpoint import save_adapter
 from llama_adapter_v2.store import ensure_experiment
@@ -79,7 +80,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     choices.write_text(
         '{"question": "What is 2 plus 3?", "choices": ["5", "7"], "answer": 0}\n', encoding="utf-8"
     )
-
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
 
@@ -172,7 +172,6 @@ def test_cli_generate_and_chat_on_an_adapter_folder(tiny_run: dict[str, Any]) ->
     model, tokenizer = tiny_run["model"], load_tokenizer(tiny_run["cfg"])
     image_path = tiny_run["root"] / "blue.png"
 
-
     runner = CliRunner()
     common = ["--model", str(tiny_run["adapter"]), "--max-new-tokens", "6", "--image", str(image_path)]
     generated = runner.invoke(app, ["generate", *common, "--prompt", "What is drawn?"])
@@ -192,3 +191,16 @@ def test_cli_generate_and_chat_on_an_adapter_folder(tiny_run: dict[str, Any]) ->
     missing = runner.invoke(app, ["generate", "--model", str(tiny_run["root"]), "--prompt", "hi"])
     assert missing.exit_code == 2
     assert "not an adapter folder" in missing.stderr
+
+
+def test_a_training_run_loads_for_inference_from_its_adapter_artifact(tiny_run: dict[str, Any]) -> None:
+    """``runs:/<id>`` downloads the run's ``adapter`` artifact, as training logs it, and rebuilds it."""
+    cfg = tiny_run["cfg"]
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    with mlflow.start_run(experiment_id=ensure_experiment(cfg)) as run:
+        client.log_artifacts(run.info.run_id, str(tiny_run["adapter"]), "adapter")
+    loaded = load_for_inference(f"runs:/{run.info.run_id}", tracking_uri=cfg.tracking.uri)
+    assert loaded.adapter_dir.name == "adapter" and loaded.adapter_dir != tiny_run["adapter"]
+    saved = tiny_run["model"].adapter_state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in loaded.model.adapter_state_dict().items())
+    assert not loaded.model.training

@@ -225,7 +225,6 @@ def test_same_pipeline_against_mlflow_server_reuses_cached_data_stages(
     output = project.run(str(BIN / "lav2"), "pipeline", "configs/demo.yaml", *sets, timeout=400).stdout
     assert "registered model  llama-adapter-v2-demo version 1 @champion" in output
 
-
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     summary = json.loads((project.root / "artifacts" / "pipeline" / "last-run.json").read_text())
     run = client.get_run(summary["train"]["run_id"])

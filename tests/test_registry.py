@@ -72,6 +72,11 @@ def test_version_records_provenance_and_metrics(
     assert found.source.startswith("models:/m-")  # the logged pyfunc, not a bare artifact folder
     model_files = Path(client.download_artifacts(found.run_id, "", dst_path=str(adapter_dir.parent)))
     assert model_files.exists()
+    # one artifact rule for training, evaluation and the registry: <artifact_root>/<experiment>
+    experiment = client.get_experiment_by_name(store_cfg.tracking.experiment)
+    root = store_cfg.tracking.artifact_root
+    assert root is not None
+    assert experiment.artifact_location == (root / store_cfg.tracking.experiment).as_uri()
 
 
 def test_promotion_gate_on_real_store(store_cfg: Config, adapter_dir: Path) -> None:
