@@ -205,6 +205,7 @@ class Trainer:
             "image_transform": self.model.image_transform, "seed": self.training.seed,
             "rank": self.ctx.rank, "world_size": self.ctx.world_size,
             "num_workers": self.cfg.data.shards.loader_workers,
+            "text_only": task == "instruction" and not training.multimodal_instructions,
         }
 
     def _stream(self, task: Task, split: str) -> TaskStream:
@@ -289,7 +290,8 @@ class Trainer:
             if not (folder / "index.json").is_file() or ShardIndex.load(folder).count < self.ctx.world_size:
                 continue
             total = torch.zeros(2, dtype=torch.float64)
-            for raw in make_loader(folder, epoch=0, **self._loader_args(task)):
+            every_sample = {**self._loader_args(task), "text_only": False}  # the same yardstick for all runs
+            for raw in make_loader(folder, epoch=0, **every_sample):
                 batch = to_device(raw, self.ctx.device)
                 with self.precision.autocast():
                     loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
