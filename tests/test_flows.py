@@ -30,7 +30,7 @@ def test_cache_keys_follow_the_sections_each_stage_reads(flows: ModuleType, repo
     base = load_config(config)
     more_steps = load_config(config, ["training.steps=7"])
     other_data = load_config(config, ["data.demo.n_images=12"])
-    stages = ("demo_data", "prepare", "validate", "shard", "demo_base", "train", "evaluate")
+    stages = ("demo_data", "prepare", "validate", "shard", "demo_base", "demo_clip", "train", "evaluate")
     keys = {stage: flows.stage_key(stage, base, "abc") for stage in stages}
     assert len(set(keys.values())) == len(stages)
     assert all(key.startswith(f"lav2-{stage}-abc-") for stage, key in keys.items())
