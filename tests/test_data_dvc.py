@@ -35,7 +35,7 @@ def test_fresh_clone_regenerates_data_and_repro_is_then_a_no_op(repo_root: Path,
         assert f"Running stage '{stage}'" in first
     counts = json.loads((clone / "artifacts/data/shard-metrics.json").read_text())
     assert counts["caption"]["train"] + counts["caption"]["holdout"] == 1200
-    assert counts["instruction"]["train"] + counts["instruction"]["holdout"] == 1320
+    assert counts["instruction"]["train"] + counts["instruction"]["holdout"] == 1200 + 480
     validation = json.loads((clone / "artifacts/data/validation-metrics.json").read_text())
     assert validation["caption"]["quarantined"] == validation["instruction"]["quarantined"] == 0
 

@@ -47,8 +47,8 @@ def test_index_counts_match_the_tars(shard_root: Path) -> None:
     assert len(train.shards) == -(-train.count // 100)
     instruction = ShardIndex.load(shard_root / "instruction/train")
     holdout_instr = ShardIndex.load(shard_root / "instruction/holdout")
-    assert instruction.count + holdout_instr.count == 1320
-    assert instruction.with_images + holdout_instr.with_images == 60
+    assert instruction.count + holdout_instr.count == 1680
+    assert instruction.with_images + holdout_instr.with_images == 240  # even conversations carry an image
 
 
 def test_captions_of_one_image_stay_in_one_split(shard_root: Path) -> None:

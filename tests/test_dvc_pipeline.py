@@ -21,11 +21,11 @@ from live_servers import BIN, project_copy, project_env
 pytestmark = pytest.mark.slow
 
 # Few steps of everything; the data stays the demo data that data.dvc versions.
-SMALL_DATA = {"n_images": 24, "n_instructions": 48, "n_conversations": 12}
+SMALL_DATA = {"n_images": 24, "n_instructions": 48, "n_conversations": 12, "n_probe_images": 4}
 TINY_TRAINING = {"steps": 4, "batch_size": 2, "eval_every_steps": 2, "log_every_steps": 2,
                  "checkpoint": {"every_steps": 2, "keep_last": 2, "keep_best": True},
-                 "demo_base": {"steps": 6, "batch_size": 8}}
-UPSTREAM_OF_TRAIN = {"prepare", "validate", "shard", "demo-base"}
+                 "demo_base": {"steps": 6, "batch_size": 8}, "demo_clip": {"steps": 6, "batch_size": 8}}
+UPSTREAM_OF_TRAIN = {"prepare", "validate", "shard", "demo-base", "demo-clip"}
 # `config` snapshots the whole resolved config (nothing depends on it), so any edit re-runs it.
 TRAIN_AND_AFTER = {"config", "train", "evaluate", "register"}
 

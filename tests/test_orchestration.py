@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 # A few steps of everything: the point is the orchestration, not the model.
 TINY = [
     "data.demo.n_images=24", "data.demo.n_instructions=48", "data.demo.n_conversations=12",
+    "data.demo.n_probe_images=4", "training.demo_clip.steps=6", "training.demo_clip.batch_size=8",
     "data.shards.samples_per_shard=32",
     "training.demo_base.steps=6", "training.demo_base.batch_size=8",
     "training.steps=4", "training.batch_size=2", "training.checkpoint.every_steps=2",

@@ -358,6 +358,11 @@ class TrainingConfig(Strict):
         default="disjoint", description="all: every adapter parameter on every batch (ablation)"
     )
     caption_ratio: Fraction = Field(default=0.5, description="share of steps that are caption batches")
+    multimodal_instructions: bool = Field(
+        default=True,
+        description="false: instruction batches leave out samples with an image, as in the paper, where "
+        "only the captions pair text with images (an ablation)",
+    )
     steps: PositiveInt = 1000
     batch_size: PositiveInt = 4
     grad_accum: PositiveInt = 1

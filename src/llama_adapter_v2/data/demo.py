@@ -152,8 +152,23 @@ def coco_document(images: list[DrawnImage], cfg: DemoDataConfig) -> dict[str, An
 # --------------------------------------------------------------------------- instructions
 
 
+def _scene_question(rng: random.Random) -> dict[str, str]:
+    """A described scene and a question it answers: reading comprehension, text only.
+
+    A pretrained LLM answers questions about what its context says by finding and copying the
+    words; the demo base learns that from these (its corpus is the training text), and it is
+    the skill the adapter's visual prompts lean on: they say what the picture holds.
+    """
+    scene = plan_image(rng, 0)
+    question = rng.choice(grounded_questions(rng, scene))
+    return {"instruction": question.question, "input": rng.choice(captions_for(scene, 6)),
+            "output": question.reply}
+
+
 def _task(rng: random.Random) -> dict[str, str]:
-    kind = rng.randrange(6)
+    kind = rng.randrange(8)
+    if kind >= 6:
+        return _scene_question(rng)
     a, b = rng.randrange(10), rng.randrange(10)
     words = rng.sample(WORDS, rng.randint(2, 4))
     if kind == 0:

@@ -292,10 +292,16 @@ class _Collator:
 
 def make_loader(shard_dir: Path | str, *, tokenizer: Any, batch_size: int, max_tokens: int,
                 image_transform: Callable[[Any], Any] | None, seed: int, epoch: int, rank: int = 0,
-                world_size: int = 1, skip_batches: int = 0, num_workers: int = 0) -> DataLoader:
-    """Batches of one shard folder for one epoch on one rank (see the module docstring)."""
+                world_size: int = 1, skip_batches: int = 0, num_workers: int = 0,
+                text_only: bool = False) -> DataLoader:
+    """Batches of one shard folder for one epoch on one rank (see the module docstring).
+
+    ``text_only`` leaves out every sample that carries an image (the paper's instruction data).
+    """
     reader = ShardReader(shard_dir)
-    order = epoch_order(len(reader), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    kept = [i for i, entry in enumerate(reader.index.samples) if not text_only or entry.image is None]
+    positions = epoch_order(len(kept), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    order = [kept[i] for i in positions]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][skip_batches:]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = ShardSamples(reader, tokenizer, max_tokens, image_transform)

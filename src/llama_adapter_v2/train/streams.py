@@ -49,11 +49,13 @@ class TaskStream:
 
 def training_stream(cfg: Config, task: Task, tokenizer: Any, image_transform: Any, ctx: DistContext
                     ) -> TaskStream:
-    """This rank's stream of ``task``'s train split."""
+    """This rank's stream of ``task``'s train split (without image samples for instructions when
+    ``training.multimodal_instructions`` is off; the held-out loss always reads every sample)."""
     loader_args = {
         "tokenizer": tokenizer, "batch_size": cfg.training.batch_size,
         "max_tokens": cfg.training.max_tokens(task), "image_transform": image_transform,
         "seed": cfg.training.seed, "rank": ctx.rank, "world_size": ctx.world_size,
         "num_workers": cfg.data.shards.loader_workers,
+        "text_only": task == "instruction" and not cfg.training.multimodal_instructions,
     }
     return TaskStream(task, DataPaths(cfg.data.work_dir).split(task, "train"), loader_args)
