@@ -140,6 +140,18 @@ def test_batches_pad_with_masked_labels_and_carry_images(shard_root: Path, demo_
     assert saw_images and saw_text_only
 
 
+def test_text_only_leaves_out_exactly_the_samples_with_an_image(shard_root: Path, demo_tokenizer) -> None:
+    folder = shard_root / "instruction/train"
+    index = ShardIndex.load(folder)
+    with_image = {entry.id for entry in index.samples if entry.image is not None}
+    kwargs = {"tokenizer": demo_tokenizer, "batch_size": 16, "max_tokens": 128, "image_transform": to_tensor,
+              "seed": 0, "epoch": 0}
+    every = [i for batch in make_loader(folder, **kwargs) for i in batch["ids"]]
+    text = [i for batch in make_loader(folder, text_only=True, **kwargs) for i in batch["ids"]]
+    assert with_image and set(every) == {entry.id for entry in index.samples}
+    assert set(text) == set(every) - with_image and len(text) == len(set(text))
+
+
 def test_loader_tokens_are_encode_record_of_the_stored_record(shard_root: Path, demo_tokenizer) -> None:
     folder = shard_root / "instruction/holdout"
     urls = sorted(str(p) for p in folder.glob("*.tar"))

@@ -15,6 +15,7 @@ from llama_adapter_v2.train.distributed import DistContext, wrap_for_training
 from llama_adapter_v2.train.loop import holdout_losses, train
 from llama_adapter_v2.train.schedule import steps_per_group, task_schedule
 from llama_adapter_v2.train.step import train_step
+from llama_adapter_v2.train.streams import training_stream
 from llama_adapter_v2.train.trainer import Trainer
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -31,6 +32,19 @@ def test_joint_schedule_mixes_tasks_at_the_ratio_and_two_phase_runs_captions_fir
     assert phases == ["caption"] * 3 + ["instruction"] * 7
     assert steps_per_group(phases, TrainingConfig()) == {"visual": 3, "language": 7}
     assert steps_per_group(phases, TrainingConfig(trainable="all")) == {"visual": 10, "language": 10}
+
+
+def test_only_instruction_streams_drop_image_samples_when_multimodal_instructions_is_off(
+    tiny_project: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tiny_project, tmp_path / "run", "training.multimodal_instructions=false")
+
+    def text_only(task: str, config=cfg) -> bool:
+        return training_stream(config, task, None, None, SINGLE).loader_args["text_only"]
+
+    assert text_only("instruction") and not text_only("caption")
+    default = tiny_config(tiny_project, tmp_path / "run")
+    assert not text_only("instruction", default) and not text_only("caption", default)
 
 
 def _snapshot(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
