@@ -37,7 +37,9 @@ def holdout_loss_sums(
     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world_size: int = 1,
 ) -> torch.Tensor:
     """[sum of loss x supervised tokens, supervised tokens] (float64) over this rank's share of
-    ``task``'s held-out split. Rows without an image get no visual prompts (docs/METHOD.md §3)."""
+    ``task``'s held-out split. Rows without an image get no visual prompts (docs/METHOD.md §3).
+    Every sample counts, whatever ``training.multimodal_instructions`` says: the same yardstick
+    for all runs."""
     loader = make_loader(
         DataPaths(cfg.data.work_dir).split(task, "holdout"), tokenizer=tokenizer,
         batch_size=cfg.training.batch_size, max_tokens=cfg.training.max_tokens(task),
