@@ -33,6 +33,7 @@ def test_cache_keys_follow_the_parameters_dvc_yaml_lists(repo_root: Path) -> Non
     more_steps = load_config(config, ["training.steps=7"])
     other_data = load_config(config, ["data.demo.n_images=12"])
     other_holdout = load_config(config, ["data.holdout_fraction=0.2"])
+    other_store = load_config(config, ["tracking.uri=http://127.0.0.1:5000"])
     stages = ("demo-data", "prepare", "validate", "shard", "demo-base", "demo-clip", "train", "evaluate")
     keys = {stage: stage_key(stage, base, "abc") for stage in stages}
     assert len(set(keys.values())) == len(stages)
@@ -45,6 +46,8 @@ def test_cache_keys_follow_the_parameters_dvc_yaml_lists(repo_root: Path) -> Non
     assert changed(other_data) == set(stages)  # the demo data feeds every stage
     # dvc.yaml: shard, demo-base and demo-clip list data.holdout_fraction; train and evaluate follow
     assert changed(other_holdout) == {"shard", "demo-base", "demo-clip", "train", "evaluate"}
+    # training's result names a run in the store; the data stages' results are the same in any store
+    assert changed(other_store) == {"train", "evaluate"}
     assert {stage_key(stage, base, "def") for stage in stages}.isdisjoint(keys.values())
     assert stage_key("train", base, "untracked") is None  # no data version: never cached
 

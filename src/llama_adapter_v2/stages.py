@@ -6,7 +6,9 @@ result on the values of those parameters, the keys of the stages upstream of it 
 stage that reads ``data``, the data version (the md5 ``data.dvc`` records; with a demo config
 also the ``data.demo`` section, since the flow regenerates absent demo data from it). So a
 parameter added to a stage in ``dvc.yaml`` reaches the flow's cache with no second edit.
-Cached results name runs of one MLflow store (training's run id), so the store is in every key.
+Training's cached result names a run of one MLflow store (its run id), so the store is in the
+train key and, through it, in the key of every stage downstream; the data stages' results do
+not depend on the store, and another store reuses them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ DVC_FILE = "dvc.yaml"
 DATA_DEP = "data"  # the folder data.dvc versions
 # Not a dvc.yaml stage: DVC versions the demo data in data.dvc; the flow generates it when absent.
 DEMO_DATA = "demo-data"
+# The stages whose results name a run in the MLflow store.
+MAKES_RUNS = frozenset({"train"})
 
 
 @dataclass(frozen=True)
@@ -95,21 +99,19 @@ def stage_digest(name: str, cfg: Config, data_version: str) -> str:
     payload["upstream"] = {other: stage_digest(other, cfg, data_version) for other in stage.upstream}
     if stage.reads_data:
         payload["data"] = [data_version, section(cfg, "data.demo")]
+    if name in MAKES_RUNS:
+        payload["store"] = tracking_uri(cfg)
     return _digest(payload)
-
-
-def _in_store(name: str, cfg: Config, data_version: str) -> str:
-    return _digest([stage_digest(name, cfg, data_version), tracking_uri(cfg)])
 
 
 def stage_key(name: str, cfg: Config, data_version: str) -> str | None:
     """The flow's cache key of a stage; None (no caching) for untracked data."""
     if data_version == UNTRACKED:
         return None
-    return f"lav2-{name}-{data_version}-{_in_store(name, cfg, data_version)}"
+    return f"lav2-{name}-{data_version}-{stage_digest(name, cfg, data_version)}"
 
 
 def training_identity(cfg: Config, data_version: str) -> str:
     """What a checkpoint must have been trained on to be resumed: the train stage's inputs, and the
     store that holds the run its checkpoints name."""
-    return _in_store("train", cfg, data_version)
+    return stage_digest("train", cfg, data_version)
