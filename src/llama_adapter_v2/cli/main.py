@@ -17,6 +17,7 @@ from llama_adapter_v2.cli import (
     fold_cmd,
     params_cmd,
     pipeline_cmd,
+    reference_cmd,
     registry_cmd,
     train_cmd,
 )
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(data_cmd.app, name="data")
+app.add_typer(reference_cmd.app, name="reference")
 app.command("register")(registry_cmd.register)
 app.command("promote")(registry_cmd.promote)
 app.command("pipeline")(pipeline_cmd.pipeline)

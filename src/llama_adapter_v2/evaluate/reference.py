@@ -1,0 +1,133 @@
+"""Reference figures: the demo's metrics as README quotes them, each with the tolerance it holds to.
+
+``docs/demo-metrics.json`` maps a metric of ``eval/metrics.json`` to ``{"value": v, "tolerance": t}``.
+README's table is rendered from that file (never typed by hand), and ``make demo`` checks its own
+run against it, so a figure README quotes is one that the README's command gives, within ``t``.
+Tolerances come from runs that differ only in how CPU kernels add up (thread counts, processors):
+greedy answers flip where two tokens are nearly tied, and one flipped answer moves an accuracy
+over 100 questions by 0.01.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+README_START = "<!-- demo-metrics:start (rendered from docs/demo-metrics.json by `lav2 reference readme`) -->"
+README_END = "<!-- demo-metrics:end -->"
+ATTRIBUTES = (("count", "count (one or two shapes)"), ("place", "place"), ("shape", "shape"),
+              ("background", "background colour"), ("colour", "shape colour"))
+OTHER_METRICS = (("caption_cider", "caption CIDEr-D"), ("caption_meteor", "METEOR"),
+                 ("instruction_exact_match", "instruction exact match"),
+                 ("caption_loss", "held-out loss (captions)"),
+                 ("instruction_loss", "held-out loss (instructions)"),
+                 ("grounded_caption_shape", "captions of one-shape drawings naming the drawn shape"),
+                 ("grounded_caption_shape_blind", "the same with a blank image"),
+                 ("grounded_caption_colour", "naming the drawn colour"),
+                 ("grounded_caption_colour_blind", "the same with a blank image"))
+GROUNDED_COLUMNS = ("grounded_accuracy", "grounded_accuracy_blind", "grounded_chance")
+
+
+class ReferenceError(ValueError):
+    """A reference file that cannot be read as ``{metric: {"value": v, "tolerance": t}}``."""
+
+
+@dataclass(frozen=True)
+class ReferenceFigure:
+    value: float
+    tolerance: float
+
+    def holds(self, measured: float) -> bool:
+        """Within tolerance; the 1e-9 absorbs the rounding of a value stored with a few digits."""
+        return math.isfinite(measured) and abs(measured - self.value) <= self.tolerance + 1e-9
+
+
+def load_reference(path: Path) -> dict[str, ReferenceFigure]:
+    """The file's figures; a bad entry names the file, the metric and what is wrong."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReferenceError(f"{path}: cannot read reference figures: {error}") from error
+    if not isinstance(raw, dict) or not raw:
+        raise ReferenceError(f"{path}: expected a non-empty JSON object of metric -> {{value, tolerance}}")
+    figures = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, dict) or set(entry) != {"value", "tolerance"}:
+            raise ReferenceError(f"{path}: {name}: expected exactly the keys 'value' and 'tolerance'")
+        value, tolerance = entry["value"], entry["tolerance"]
+        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (value, tolerance))
+        if not numbers or not math.isfinite(value) or not math.isfinite(tolerance) or tolerance < 0:
+            raise ReferenceError(f"{path}: {name}: value and tolerance must be finite numbers, "
+                                 f"tolerance at least 0; got {value!r}, {tolerance!r}")
+        figures[name] = ReferenceFigure(float(value), float(tolerance))
+    return figures
+
+
+def quoted_metrics() -> list[str]:
+    """Every metric README's block quotes."""
+    grounded = [f"{column}_{key}" for column in GROUNDED_COLUMNS for key, _ in ATTRIBUTES]
+    return sorted([*grounded, *GROUNDED_COLUMNS, *(name for name, _ in OTHER_METRICS)])
+
+
+def measured_reference(runs: list[dict[str, float]], names: list[str], min_tolerance: float
+                       ) -> dict[str, ReferenceFigure]:
+    """Figures from repeated runs: the first run's value, the largest distance of another run from it
+    as tolerance (at least ``min_tolerance``: runs on one machine may agree where other CPUs do not)."""
+    if len(runs) < 2:
+        raise ReferenceError("measuring tolerances needs at least two runs' metrics")
+    figures = {}
+    for name in names:
+        missing = [index for index, run in enumerate(runs) if name not in run]
+        if missing:
+            raise ReferenceError(f"{name}: not in the metrics of run(s) {missing}")
+        first = runs[0][name]
+        spread = max(abs(run[name] - first) for run in runs[1:])
+        figures[name] = ReferenceFigure(round(first, 4), round(max(spread, min_tolerance), 4))
+    return figures
+
+
+def write_reference(path: Path, figures: dict[str, ReferenceFigure]) -> None:
+    document = {name: {"value": f.value, "tolerance": f.tolerance} for name, f in sorted(figures.items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def deviations(measured: dict[str, float], reference: dict[str, ReferenceFigure]) -> list[str]:
+    """One line per reference figure that the measured metrics miss or fall outside of."""
+    lines = []
+    for name, figure in sorted(reference.items()):
+        if name not in measured:
+            lines.append(f"{name}: not in the measured metrics (reference {figure.value:.3f})")
+        elif not figure.holds(measured[name]):
+            lines.append(f"{name}: measured {measured[name]:.4f}, reference {figure.value:.4f} "
+                         f"+- {figure.tolerance:.4f}")
+    return lines
+
+
+def _cell(reference: dict[str, ReferenceFigure], name: str) -> str:
+    if name not in reference:
+        raise ReferenceError(f"README's table needs {name!r} in the reference figures")
+    figure = reference[name]
+    return f"{figure.value:.2f} ± {figure.tolerance:.2f}" if figure.tolerance else f"{figure.value:.2f}"
+
+
+def readme_block(reference: dict[str, ReferenceFigure]) -> str:
+    """README's demo-figures block: the grounded table (image, blank image, chance) and the rest."""
+    rows = ["| attribute | with the image | blank image | chance |", "|---|---|---|---|"]
+    for key, label in ATTRIBUTES:
+        cells = [_cell(reference, f"{column}_{key}") for column in GROUNDED_COLUMNS]
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    means = [_cell(reference, column) for column in GROUNDED_COLUMNS]
+    rows.append(f"| mean (`grounded_accuracy`) | {' | '.join(means)} |")
+    other = ", ".join(f"{label} {_cell(reference, name)}" for name, label in OTHER_METRICS)
+    return "\n".join([README_START, "", *rows, "", f"Other metrics: {other}.", "", README_END])
+
+
+def with_readme_block(readme: str, reference: dict[str, ReferenceFigure]) -> str:
+    """``readme`` with the text between the markers replaced by the rendered block."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ReferenceError(f"README has no block between {README_START!r} and {README_END!r}")
+    return readme[:start] + readme_block(reference) + readme[end + len(README_END):]

@@ -1,0 +1,90 @@
+"""Reference figures: README's demo table is rendered from docs/demo-metrics.json, and a run is checked
+against it; bad reference files are refused naming the file and the metric."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_adapter_v2.evaluate.reference import (
+    ReferenceError,
+    ReferenceFigure,
+    deviations,
+    load_reference,
+    measured_reference,
+    quoted_metrics,
+    readme_block,
+    with_readme_block,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "docs" / "demo-metrics.json"
+
+
+def test_readme_quotes_exactly_the_reference_file() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    reference = load_reference(REFERENCE)
+    assert readme_block(reference) in readme
+    assert with_readme_block(readme, reference) == readme
+    assert set(reference) == set(quoted_metrics())
+
+
+def test_a_figure_holds_within_its_tolerance_only() -> None:
+    reference = {"a": ReferenceFigure(0.5, 0.02), "b": ReferenceFigure(1.0, 0.0)}
+    assert deviations({"a": 0.52, "b": 1.0}, reference) == []
+    outside = deviations({"a": 0.5201, "b": 1.0}, reference)
+    assert outside == ["a: measured 0.5201, reference 0.5000 +- 0.0200"]
+    assert deviations({"a": float("nan"), "b": 1.0}, reference)[0].startswith("a: measured nan")
+    assert deviations({"a": 0.5}, reference) == ["b: not in the measured metrics (reference 1.000)"]
+
+
+def test_tolerances_are_the_spread_of_the_runs_with_a_floor() -> None:
+    runs = [{"m": 0.40, "n": 1.0}, {"m": 0.43, "n": 1.0}, {"m": 0.38, "n": 1.0}]
+    figures = measured_reference(runs, ["m", "n"], min_tolerance=0.01)
+    assert figures == {"m": ReferenceFigure(0.4, 0.03), "n": ReferenceFigure(1.0, 0.01)}
+    with pytest.raises(ReferenceError, match="at least two runs"):
+        measured_reference(runs[:1], ["m"], 0.01)
+    with pytest.raises(ReferenceError, match=r"x: not in the metrics of run\(s\) \[0, 1, 2\]"):
+        measured_reference(runs, ["x"], 0.01)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "cannot read reference figures"),
+    ("[]", "expected a non-empty JSON object"),
+    ('{"m": {"value": 1}}', "m: expected exactly the keys 'value' and 'tolerance'"),
+    ('{"m": {"value": 1, "tolerance": -0.1}}', "m: value and tolerance must be finite numbers"),
+    ('{"m": {"value": NaN, "tolerance": 0.1}}', "m: value and tolerance must be finite numbers"),
+    ('{"m": {"value": "0.3", "tolerance": 0.1}}', "m: value and tolerance must be finite numbers"),
+])
+def test_a_bad_reference_file_names_the_file_and_the_metric(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "ref.json"
+    path.write_text(content)
+    with pytest.raises(ReferenceError, match=message) as caught:
+        load_reference(path)
+    assert str(path) in str(caught.value)
+
+
+def _lav2(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "llama_adapter_v2.cli.main", "reference", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+
+
+def test_check_exits_1_naming_each_figure_out_of_tolerance(tmp_path: Path) -> None:
+    reference = load_reference(REFERENCE)
+    metrics = {name: figure.value for name, figure in reference.items()}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(metrics))
+    assert _lav2("check", str(good)).returncode == 0
+    moved = dict(metrics, grounded_accuracy=metrics["grounded_accuracy"] + 0.2)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(moved))
+    result = _lav2("check", str(bad))
+    assert result.returncode == 1
+    assert "grounded_accuracy: measured" in result.stderr and "grounded_accuracy_blind" not in result.stderr
+    assert _lav2("check", str(tmp_path / "missing.json")).returncode == 2
