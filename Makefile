@@ -38,6 +38,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lav2 config check configs/demo.yaml
 	$(BIN)/lav2 pipeline configs/demo.yaml
+	$(BIN)/lav2 reference check artifacts/train/demo/eval/metrics.json --reference docs/demo-metrics.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests flows benchmarks fuzz
