@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from llama_adapter_v2.evaluate.reference import (
-    ReferenceError,
     ReferenceFigure,
+    ReferenceFileError,
     deviations,
     load_reference,
     measured_reference,
@@ -40,15 +40,17 @@ def test_a_figure_holds_within_its_tolerance_only() -> None:
     assert outside == ["a: measured 0.5201, reference 0.5000 +- 0.0200"]
     assert deviations({"a": float("nan"), "b": 1.0}, reference)[0].startswith("a: measured nan")
     assert deviations({"a": 0.5}, reference) == ["b: not in the measured metrics (reference 1.000)"]
+    assert deviations({"a": "0.5", "b": True}, reference) == [
+        "a: measured '0.5', reference 0.5000 +- 0.0200", "b: measured True, reference 1.0000 +- 0.0000"]
 
 
 def test_tolerances_are_the_spread_of_the_runs_with_a_floor() -> None:
     runs = [{"m": 0.40, "n": 1.0}, {"m": 0.43, "n": 1.0}, {"m": 0.38, "n": 1.0}]
     figures = measured_reference(runs, ["m", "n"], min_tolerance=0.01)
     assert figures == {"m": ReferenceFigure(0.4, 0.03), "n": ReferenceFigure(1.0, 0.01)}
-    with pytest.raises(ReferenceError, match="at least two runs"):
+    with pytest.raises(ReferenceFileError, match="at least two runs"):
         measured_reference(runs[:1], ["m"], 0.01)
-    with pytest.raises(ReferenceError, match=r"x: not in the metrics of run\(s\) \[0, 1, 2\]"):
+    with pytest.raises(ReferenceFileError, match=r"x: not in the metrics of run\(s\) \[0, 1, 2\]"):
         measured_reference(runs, ["x"], 0.01)
 
 
@@ -65,7 +67,7 @@ def test_a_bad_reference_file_names_the_file_and_the_metric(
 ) -> None:
     path = tmp_path / "ref.json"
     path.write_text(content)
-    with pytest.raises(ReferenceError, match=message) as caught:
+    with pytest.raises(ReferenceFileError, match=message) as caught:
         load_reference(path)
     assert str(path) in str(caught.value)
 
@@ -88,3 +90,6 @@ def test_check_exits_1_naming_each_figure_out_of_tolerance(tmp_path: Path) -> No
     assert result.returncode == 1
     assert "grounded_accuracy: measured" in result.stderr and "grounded_accuracy_blind" not in result.stderr
     assert _lav2("check", str(tmp_path / "missing.json")).returncode == 2
+    listed = tmp_path / "list.json"
+    listed.write_text("[]")
+    assert "expected a JSON object" in _lav2("check", str(listed)).stderr

@@ -10,7 +10,7 @@ import typer
 
 from llama_adapter_v2.cli.terminal import errors_exit
 from llama_adapter_v2.evaluate.reference import (
-    ReferenceError,
+    ReferenceFileError,
     deviations,
     load_reference,
     measured_reference,
@@ -31,9 +31,11 @@ def check(
     reference: ReferenceFile = DEFAULT_REFERENCE,
 ) -> None:
     """Exit 1 when a reference figure is missing from METRICS or outside its tolerance."""
-    with errors_exit(ReferenceError, OSError, json.JSONDecodeError):
+    with errors_exit(ReferenceFileError, OSError, json.JSONDecodeError):
         figures = load_reference(reference)
         measured = json.loads(metrics.read_text(encoding="utf-8"))
+        if not isinstance(measured, dict):
+            raise ReferenceFileError(f"{metrics}: expected a JSON object of metric -> value")
     problems = deviations(measured, figures)
     for line in problems:
         typer.secho(f"{metrics}: {line}", fg=typer.colors.RED, err=True)
@@ -49,7 +51,7 @@ def readme(
     reference: ReferenceFile = DEFAULT_REFERENCE,
 ) -> None:
     """Rewrite README's demo-figures block from the reference file."""
-    with errors_exit(ReferenceError, OSError):
+    with errors_exit(ReferenceFileError, OSError):
         text = with_readme_block(path.read_text(encoding="utf-8"), load_reference(reference))
         path.write_text(text, encoding="utf-8")
     typer.echo(f"{path}: demo figures rendered from {reference}")
@@ -62,7 +64,7 @@ def measure(
     min_tolerance: Annotated[float, typer.Option(help="the least tolerance of a figure")] = 0.01,
 ) -> None:
     """Write the reference figures README quotes: values of the first run, tolerances from the spread."""
-    with errors_exit(ReferenceError, OSError, json.JSONDecodeError):
+    with errors_exit(ReferenceFileError, OSError, json.JSONDecodeError):
         measured = [json.loads(path.read_text(encoding="utf-8")) for path in runs]
         figures = measured_reference(measured, quoted_metrics(), min_tolerance)
         write_reference(out, figures)

@@ -30,7 +30,12 @@ OTHER_METRICS = (("caption_cider", "caption CIDEr-D"), ("caption_meteor", "METEO
 GROUNDED_COLUMNS = ("grounded_accuracy", "grounded_accuracy_blind", "grounded_chance")
 
 
-class ReferenceError(ValueError):
+def _is_number(value: object) -> bool:
+    """JSON numbers only: ``True`` is an int to Python but not a metric."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class ReferenceFileError(ValueError):
     """A reference file that cannot be read as ``{metric: {"value": v, "tolerance": t}}``."""
 
 
@@ -39,8 +44,11 @@ class ReferenceFigure:
     value: float
     tolerance: float
 
-    def holds(self, measured: float) -> bool:
-        """Within tolerance; the 1e-9 absorbs the rounding of a value stored with a few digits."""
+    def holds(self, measured: object) -> bool:
+        """A finite number within tolerance; the 1e-9 absorbs float representation error at the
+        boundary (values are stored to 4 digits, tolerances are at least that coarse)."""
+        if not _is_number(measured):
+            return False
         return math.isfinite(measured) and abs(measured - self.value) <= self.tolerance + 1e-9
 
 
@@ -49,17 +57,18 @@ def load_reference(path: Path) -> dict[str, ReferenceFigure]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ReferenceError(f"{path}: cannot read reference figures: {error}") from error
+        raise ReferenceFileError(f"{path}: cannot read reference figures: {error}") from error
     if not isinstance(raw, dict) or not raw:
-        raise ReferenceError(f"{path}: expected a non-empty JSON object of metric -> {{value, tolerance}}")
+        raise ReferenceFileError(f"{path}: expected a non-empty JSON object of "
+                                 "metric -> {value, tolerance}")
     figures = {}
     for name, entry in raw.items():
         if not isinstance(entry, dict) or set(entry) != {"value", "tolerance"}:
-            raise ReferenceError(f"{path}: {name}: expected exactly the keys 'value' and 'tolerance'")
+            raise ReferenceFileError(f"{path}: {name}: expected exactly the keys 'value' and 'tolerance'")
         value, tolerance = entry["value"], entry["tolerance"]
-        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (value, tolerance))
-        if not numbers or not math.isfinite(value) or not math.isfinite(tolerance) or tolerance < 0:
-            raise ReferenceError(f"{path}: {name}: value and tolerance must be finite numbers, "
+        finite = all(_is_number(x) and math.isfinite(x) for x in (value, tolerance))
+        if not finite or tolerance < 0:
+            raise ReferenceFileError(f"{path}: {name}: value and tolerance must be finite numbers, "
                                  f"tolerance at least 0; got {value!r}, {tolerance!r}")
         figures[name] = ReferenceFigure(float(value), float(tolerance))
     return figures
@@ -76,12 +85,12 @@ def measured_reference(runs: list[dict[str, float]], names: list[str], min_toler
     """Figures from repeated runs: the first run's value, the largest distance of another run from it
     as tolerance (at least ``min_tolerance``: runs on one machine may agree where other CPUs do not)."""
     if len(runs) < 2:
-        raise ReferenceError("measuring tolerances needs at least two runs' metrics")
+        raise ReferenceFileError("measuring tolerances needs at least two runs' metrics")
     figures = {}
     for name in names:
         missing = [index for index, run in enumerate(runs) if name not in run]
         if missing:
-            raise ReferenceError(f"{name}: not in the metrics of run(s) {missing}")
+            raise ReferenceFileError(f"{name}: not in the metrics of run(s) {missing}")
         first = runs[0][name]
         spread = max(abs(run[name] - first) for run in runs[1:])
         figures[name] = ReferenceFigure(round(first, 4), round(max(spread, min_tolerance), 4))
@@ -94,21 +103,22 @@ def write_reference(path: Path, figures: dict[str, ReferenceFigure]) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-def deviations(measured: dict[str, float], reference: dict[str, ReferenceFigure]) -> list[str]:
-    """One line per reference figure that the measured metrics miss or fall outside of."""
+def deviations(measured: dict[str, object], reference: dict[str, ReferenceFigure]) -> list[str]:
+    """One line per reference figure that the measured metrics miss or fall outside of (a value
+    that is not a number is outside)."""
     lines = []
     for name, figure in sorted(reference.items()):
         if name not in measured:
             lines.append(f"{name}: not in the measured metrics (reference {figure.value:.3f})")
-        elif not figure.holds(measured[name]):
-            lines.append(f"{name}: measured {measured[name]:.4f}, reference {figure.value:.4f} "
-                         f"+- {figure.tolerance:.4f}")
+        elif not figure.holds(value := measured[name]):
+            shown = f"{value:.4f}" if _is_number(value) else repr(value)
+            lines.append(f"{name}: measured {shown}, reference {figure.value:.4f} +- {figure.tolerance:.4f}")
     return lines
 
 
 def _cell(reference: dict[str, ReferenceFigure], name: str) -> str:
     if name not in reference:
-        raise ReferenceError(f"README's table needs {name!r} in the reference figures")
+        raise ReferenceFileError(f"README's table needs {name!r} in the reference figures")
     figure = reference[name]
     return f"{figure.value:.2f} ± {figure.tolerance:.2f}" if figure.tolerance else f"{figure.value:.2f}"
 
@@ -129,5 +139,5 @@ def with_readme_block(readme: str, reference: dict[str, ReferenceFigure]) -> str
     """``readme`` with the text between the markers replaced by the rendered block."""
     start, end = readme.find(README_START), readme.find(README_END)
     if start < 0 or end < start:
-        raise ReferenceError(f"README has no block between {README_START!r} and {README_END!r}")
+        raise ReferenceFileError(f"README has no block between {README_START!r} and {README_END!r}")
     return readme[:start] + readme_block(reference) + readme[end + len(README_END):]
