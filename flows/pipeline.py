@@ -48,8 +48,8 @@ from llama_adapter_v2.data.demo import generate_demo
 from llama_adapter_v2.data.paths import DataPaths
 from llama_adapter_v2.data.pipeline import prepare, shard, validate
 from llama_adapter_v2.environment import project_root
-from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
-from llama_adapter_v2.registry import promote, register
+from llama_adapter_v2.evaluate.run import EvalOptions, eval_dir, evaluate
+from llama_adapter_v2.registry import promote, register, with_baseline
 from llama_adapter_v2.stages import DEMO_DATA, stage_key, training_identity
 from llama_adapter_v2.store import UNTRACKED, data_hash, tracking_uri
 from llama_adapter_v2.train.checkpoint import recorded_run_id
@@ -230,6 +230,12 @@ def evaluate_task(config_path: str, overrides: list[str], adapter_dir: str, run_
     return evaluate(load(config_path, overrides), Path(adapter_dir), EvalOptions(run_id=run_id))
 
 
+@task(name="baseline", **IO_RETRIES, **task_options)
+def baseline_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, float]:
+    """The zero-init model on the same held-out data (its own MLflow run): what a version must beat."""
+    return evaluate(load(config_path, overrides), None)
+
+
 @task(name="register", **IO_RETRIES, **task_options)
 def register_task(config_path: str, overrides: list[str], *, run_id: str, adapter_dir: str,
                   metrics: dict[str, float], cache_key: str | None) -> dict[str, str]:
@@ -247,7 +253,7 @@ def promote_task(config_path: str, overrides: list[str], version: str) -> dict[s
 # and the demo data that DVC versions in data.dvc instead.
 TASK_OF_STAGE: dict[str, Any] = {
     DEMO_DATA: demo_data_task, "prepare": prepare_task, "validate": validate_task, "shard": shard_task,
-    "demo-base": demo_base_task, "demo-clip": demo_clip_task, "train": train_task,
+    "demo-base": demo_base_task, "demo-clip": demo_clip_task, "baseline": baseline_task, "train": train_task,
     "evaluate": evaluate_task, "register": register_task,
 }
 
@@ -305,6 +311,17 @@ def evaluate_flow(config_path: str, *, adapter_dir: str, run_id: str | None = No
     return evaluate_cached(config_path, overrides, adapter_dir, run_id, cache_key=key)
 
 
+@flow(name="baseline", log_prints=True)
+def baseline_flow(config_path: str, overrides: list[str] | None = None, data_hash: str = UNTRACKED
+                  ) -> dict[str, float]:
+    """Scored once per data, base and tower version (the stage key holds them), reused by every run."""
+    overrides = overrides or []
+    cfg = load(config_path, overrides)
+    key = stage_key("baseline", cfg, data_hash)
+    present = (eval_dir(cfg, zero_init=True) / "metrics.json").is_file()
+    return _cached(TASK_OF_STAGE["baseline"], key, present)(config_path, overrides, cache_key=key)
+
+
 @flow(name="register", log_prints=True)
 def register_flow(config_path: str, *, run_id: str, adapter_dir: str, metrics: dict[str, float],
                   overrides: list[str] | None = None, data_hash: str = UNTRACKED) -> dict[str, str]:
@@ -323,7 +340,7 @@ def promote_flow(config_path: str, version: str, overrides: list[str] | None = N
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """validate-data -> train -> evaluate -> register -> promote, on one config."""
+    """validate-data -> train -> evaluate (and the zero-init baseline) -> register -> promote."""
     overrides = overrides or []
     cfg = load(config_path, overrides)
     data_version = data_hash(project_root())
@@ -334,8 +351,9 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         validate_data(**common)
         trained = train_flow(**common)
         metrics = evaluate_flow(adapter_dir=trained["adapter_dir"], run_id=trained["run_id"], **common)
+        baseline = baseline_flow(**common)
         version = register_flow(run_id=trained["run_id"], adapter_dir=trained["adapter_dir"],
-                                metrics=metrics, **common)
+                                metrics=with_baseline(metrics, baseline), **common)
         decision = promote_flow(version=version["version"], **common)
     summary = {"config_path": config_path, "overrides": overrides, "data_hash": data_version,
                "tracking_uri": tracking_uri(cfg),

@@ -25,7 +25,8 @@ SMALL_DATA = {"n_images": 24, "n_instructions": 48, "n_conversations": 12, "n_pr
 TINY_TRAINING = {"steps": 4, "batch_size": 2, "eval_every_steps": 2, "log_every_steps": 2,
                  "checkpoint": {"every_steps": 2, "keep_last": 2, "keep_best": True},
                  "demo_base": {"steps": 6, "batch_size": 8}, "demo_clip": {"steps": 6, "batch_size": 8}}
-UPSTREAM_OF_TRAIN = {"prepare", "validate", "shard", "demo-base", "demo-clip"}
+# baseline: the zero-init model's scores depend on data, base and tower, not on training
+UPSTREAM_OF_TRAIN = {"prepare", "validate", "shard", "demo-base", "demo-clip", "baseline"}
 # `config` snapshots the whole resolved config (nothing depends on it), so any edit re-runs it.
 TRAIN_AND_AFTER = {"config", "train", "evaluate", "register"}
 
@@ -83,7 +84,12 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_a_parameter_touches(
     assert _stages_run(first) == stages
     registry = json.loads((project / "artifacts" / "registry" / "demo.json").read_text())
     assert registry["version"]["version"] == "1"
-    assert registry["promotion"]["outcome"] == "promoted"
+    # four training steps may or may not beat the zero-init model: the gate says which, with the numbers
+    baseline = json.loads((project / "artifacts/train/demo/eval-zero-init/metrics.json").read_text())
+    promotion = registry["promotion"]
+    assert promotion["baseline_value"] == baseline[promotion["metric"]]
+    assert promotion["outcome"] in {"promoted", "refused"}
+    assert "zero-init baseline" in promotion["reason"]
     metrics = json.loads(_run(project, env, dvc, "metrics", "show", "--json"))
     shown = metrics[""]["data"]["artifacts/train/demo/eval/metrics.json"]["data"]
     assert shown == json.loads((project / "artifacts/train/demo/eval/metrics.json").read_text())
@@ -100,4 +106,4 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_a_parameter_touches(
     assert rerun.isdisjoint(UPSTREAM_OF_TRAIN)
     registry = json.loads((project / "artifacts" / "registry" / "demo.json").read_text())
     assert registry["version"]["version"] == "2"
-    assert registry["promotion"]["outcome"] in {"promoted", "kept"}
+    assert registry["promotion"]["outcome"] in {"promoted", "kept", "refused"}

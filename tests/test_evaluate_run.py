@@ -25,7 +25,8 @@ from llama_adapter_v2.infer.generation import GenerationSettings, generate_texts
 from llama_adapter_v2.infer.loading import load_for_inference
 from llama_adapter_v2.model.build import build_model, load_tokenizer
 from llama_adapter_v2.model.checkpoint import save_adapter
-from llama_adapter_v2.store import ensure_experiment
+from llama_adapter_v2.registry import register
+from llama_adapter_v2.store import ensure_experiment, evaluation_run_of
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30)}
 
@@ -83,8 +84,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
 
-    with mlflow.start_run(experiment_id=ensure_experiment(cfg)) as run:
+    with mlflow.start_run(experiment_id=ensure_experiment(cfg)) as run:  # stands in for a training run
         run_id = run.info.run_id
+        mlflow.log_param("training.steps", 3)
+        mlflow.log_metric("loss/caption", 2.5, step=3)
+    training_run = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id)
     options = EvalOptions(
         caption_tokens=8,
         instruction_tokens=8,
@@ -98,6 +102,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "model": model,
         "metrics": metrics,
         "run_id": run_id,
+        "training_run": training_run,
         "root": root,
         "adapter": adapter,
     }
@@ -155,17 +160,32 @@ def test_holdout_loss_matches_a_direct_forward(tiny_run: dict[str, Any]) -> None
     assert tiny_run["metrics"]["instruction_loss"] == pytest.approx(total / tokens, rel=1e-4)
 
 
-def test_metrics_and_table_logged_to_the_given_mlflow_run(tiny_run: dict[str, Any]) -> None:
-    client = mlflow.MlflowClient(tracking_uri=tiny_run["cfg"].tracking.uri)
-    run = client.get_run(tiny_run["run_id"])
-    assert run.data.metrics["eval/caption_cider"] == pytest.approx(tiny_run["metrics"]["caption_cider"])
-    logged = {item.path for item in client.list_artifacts(tiny_run["run_id"], "eval")}
-    assert {
-        "eval/metrics.json",
-        "eval/metrics.md",
-        "eval/captions.json",
-        "eval/instructions.json",
-    } <= logged
+def _as_it_was(run: Any) -> tuple[Any, ...]:
+    """What a later stage must not change in a training run: metrics, params, status and duration."""
+    return (run.data.metrics, run.data.params, run.info.status, run.info.start_time, run.info.end_time)
+
+
+def test_scores_go_to_a_child_run_and_registering_leaves_the_training_run_as_it_was(
+    tiny_run: dict[str, Any],
+) -> None:
+    cfg, run_id = tiny_run["cfg"], tiny_run["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    evaluation = evaluation_run_of(client, ensure_experiment(cfg), run_id)
+    assert evaluation is not None and evaluation != run_id
+    child = client.get_run(evaluation)
+    assert child.data.tags["mlflow.parentRunId"] == run_id  # MLflow's UI nests it under the training run
+    assert child.data.metrics["eval/caption_cider"] == pytest.approx(tiny_run["metrics"]["caption_cider"])
+    logged = {item.path for item in client.list_artifacts(evaluation, "eval")}
+    assert {"eval/metrics.json", "eval/metrics.md", "eval/captions.json", "eval/instructions.json"} <= logged
+
+    assert _as_it_was(client.get_run(run_id)) == _as_it_was(tiny_run["training_run"])  # evaluate
+    version = register(cfg, run_id, tiny_run["adapter"], tiny_run["metrics"])
+    assert _as_it_was(client.get_run(run_id)) == _as_it_was(tiny_run["training_run"])  # register
+    found = client.get_model_version(cfg.tracking.registered_model, version.version)
+    assert (found.run_id, found.tags["training_run_id"], found.tags["evaluation_run_id"]) == (
+        run_id, run_id, evaluation)
+    assert [model.source_run_id for model in client.search_logged_models([ensure_experiment(cfg)])] == [
+        evaluation]  # one logged model, in the evaluation run
 
 
 def test_cli_generate_and_chat_on_an_adapter_folder(tiny_run: dict[str, Any]) -> None:

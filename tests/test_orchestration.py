@@ -38,6 +38,8 @@ TINY = [
     "training.demo_base.steps=6", "training.demo_base.batch_size=8",
     "training.steps=4", "training.batch_size=2", "training.checkpoint.every_steps=2",
     "training.eval_every_steps=2", "training.log_every_steps=2", "tracking.system_metrics=false",
+    # four steps cannot beat the zero-init model: the gate compares with the champion alone here
+    "tracking.promotion.beat_baseline=false", "tracking.promotion.guards={}",
 ]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -237,7 +239,7 @@ def test_same_pipeline_against_mlflow_server_reuses_cached_data_stages(
     assert (project.root.parent / "mlflow-server" / "artifacts").is_dir()
 
     flows = _api(f"{prefect_api}/flow_runs/filter", {"flow_runs": {"start_time": {"after_": started}}})
-    assert len(flows) == 6  # the pipeline and its five sub-flows
+    assert len(flows) == 7  # the pipeline and its six sub-flows (the zero-init baseline's among them)
     states = _task_states(prefect_api, [run["id"] for run in flows])
     assert states["validate"] == "Cached" and states["shard"] == "Cached"  # same data, same config
     assert states["train"] == "Completed"  # another tracking server: a new run there

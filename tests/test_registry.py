@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from llama_adapter_v2.config import Config, load_config
-from llama_adapter_v2.registry import promote, register
+from llama_adapter_v2.registry import promote, register, with_baseline
 from llama_adapter_v2.registry.promote import beats
 from llama_adapter_v2.store import ensure_experiment, use_tracking
 
@@ -21,7 +21,8 @@ def store_cfg(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Conf
     return load_config(
         repo_root / "configs" / "demo.yaml",
         [f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_root={store}/artifacts",
-         "tracking.registered_model=registry-test", "tracking.promotion.margin=0.125"],
+         "tracking.registered_model=registry-test", "tracking.promotion.margin=0.125",
+         "tracking.promotion.metric=caption_cider", "tracking.promotion.guards={}"],
     )
 
 
@@ -33,11 +34,15 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _new_version(cfg: Config, adapter_dir: Path, metrics: dict[str, float] | None) -> str:
+BASELINE = {"caption_cider": 0.125, "instruction_exact_match": 0.0}
+
+
+def _new_version(cfg: Config, adapter_dir: Path, metrics: dict[str, float] | None,
+                 baseline: dict[str, float] | None = BASELINE) -> str:
     mlflow.set_experiment(experiment_id=ensure_experiment(cfg))
     with mlflow.start_run() as run:
         pass
-    return register(cfg, run.info.run_id, adapter_dir, metrics).version
+    return register(cfg, run.info.run_id, adapter_dir, with_baseline(metrics, baseline)).version
 
 
 def _champion(cfg: Config) -> str:
@@ -67,7 +72,8 @@ def test_version_records_provenance_and_metrics(
     if (repo_root / "data.dvc").is_file():
         expected_hash = (repo_root / "data.dvc").read_text().split("md5: ")[1].split()[0]
     assert found.tags["data_hash"] == expected_hash
-    assert "registered_model: registry-test" in found.tags["config"]
+    assert "config" not in found.tags  # the config travels in the model (model_config), not as a tag
+    assert len(found.tags["config_digest"]) == 16
     assert found.tags["base_path"] == str(store_cfg.model.base.path)
     assert found.source.startswith("models:/m-")  # the logged pyfunc, not a bare artifact folder
     model_files = Path(client.download_artifacts(found.run_id, "", dst_path=str(adapter_dir.parent)))
@@ -97,6 +103,18 @@ def test_promotion_gate_on_real_store(store_cfg: Config, adapter_dir: Path) -> N
     numbers = (decision.champion_version, decision.champion_value, decision.challenger_value)
     assert numbers == (first, 0.5, 0.75)
     assert _champion(store_cfg) == better
+    client = use_tracking(store_cfg)
+    old = client.get_model_version(store_cfg.tracking.registered_model, first)
+    assert old.tags["promotion.superseded_by"] == better
+    assert client.get_model_version(store_cfg.tracking.registered_model, better).description.startswith(
+        f"promoted: version {better} caption_cider 0.75 beats the zero-init baseline's 0.125 and "
+        f"@champion version {first}'s 0.5 by more than 0.125"
+    )
+    tags_before = old.tags
+    assert promote(store_cfg, better).outcome == "kept"  # asked again: the recorded decision stands
+    assert client.get_model_version(store_cfg.tracking.registered_model, better).tags[
+        "promotion.outcome"] == "promoted"
+    assert client.get_model_version(store_cfg.tracking.registered_model, first).tags == tags_before
 
     tags = use_tracking(store_cfg).get_model_version(store_cfg.tracking.registered_model, worse).tags
     assert tags["promotion.outcome"] == "kept"
@@ -121,3 +139,70 @@ def test_unevaluated_and_failed_versions_are_refused(store_cfg: Config, adapter_
         tags = use_tracking(store_cfg).get_model_version(store_cfg.tracking.registered_model, version).tags
         assert tags["promotion.outcome"] == "refused"
     assert _champion(store_cfg) == champion_before
+
+
+def _gated(cfg: Config, name: str, **promotion: object) -> Config:
+    """The store's config with another registered model and promotion rule: a registry of its own."""
+    tracking = cfg.tracking.model_copy(update={
+        "registered_model": f"registry-test-{name}",
+        "promotion": cfg.tracking.promotion.model_copy(update=promotion),
+    })
+    return cfg.model_copy(update={"tracking": tracking})
+
+
+def test_a_version_that_does_not_beat_the_zero_init_baseline_is_refused_even_first(
+    store_cfg: Config, adapter_dir: Path
+) -> None:
+    cfg = _gated(store_cfg, "baseline", margin=0.0)
+    worse_than_nothing = _new_version(cfg, adapter_dir, {"caption_cider": 0.231}, {"caption_cider": 0.278})
+    decision = promote(cfg, worse_than_nothing)
+    assert decision.outcome == "refused"
+    assert decision.baseline_value == 0.278
+    assert decision.reason == (f"version {worse_than_nothing} caption_cider 0.231 does not beat the "
+                               "zero-init baseline's 0.278 by more than 0")
+    no_baseline = _new_version(cfg, adapter_dir, {"caption_cider": 0.9}, None)
+    decision = promote(cfg, no_baseline)
+    assert decision.outcome == "refused"
+    assert decision.reason.startswith("no zero-init baseline for caption_cider")
+    better = _new_version(cfg, adapter_dir, {"caption_cider": 0.3}, {"caption_cider": 0.278})
+    decision = promote(cfg, better)
+    assert decision.outcome == "promoted"
+    assert decision.reason == (f"version {better} caption_cider 0.3 beats the zero-init baseline's 0.278 by "
+                               "more than 0 (higher is better); no @champion yet")
+    tags = use_tracking(cfg).get_model_version(cfg.tracking.registered_model, better).tags
+    assert tags["promotion.baseline_value"] == "0.278"
+    assert tags["metric.baseline_caption_cider"] == "0.278"
+    assert tags["evaluation"] == "passed"
+
+
+def test_a_guard_metric_that_falls_too_far_keeps_the_champion(store_cfg: Config, adapter_dir: Path) -> None:
+    cfg = _gated(store_cfg, "guards", margin=0.0, guards={"instruction_exact_match": 0.05})
+    champion = _new_version(cfg, adapter_dir, {"caption_cider": 0.5, "instruction_exact_match": 0.25})
+    assert promote(cfg, champion).outcome == "promoted"
+    forgets = _new_version(cfg, adapter_dir, {"caption_cider": 0.75, "instruction_exact_match": 0.125})
+    decision = promote(cfg, forgets)
+    assert decision.outcome == "kept"
+    assert decision.reason == (f"version {forgets} caption_cider 0.75 beats the gate, but guard "
+                               "instruction_exact_match 0.125 fell 0.125 below "
+                               f"@champion version {champion}'s 0.25 (tolerance 0.05)")
+    within = _new_version(cfg, adapter_dir, {"caption_cider": 0.75, "instruction_exact_match": 0.21875})
+    decision = promote(cfg, within)
+    assert decision.outcome == "promoted"
+    assert decision.reason == (f"version {within} caption_cider 0.75 beats the zero-init baseline's 0.125 "
+                               f"and @champion version {champion}'s 0.5 by more than 0 (higher is better); "
+                               "guards held: instruction_exact_match")
+    assert _champion(cfg) == within
+    unguarded = _new_version(cfg, adapter_dir, {"caption_cider": 0.875})
+    decision = promote(cfg, unguarded)
+    assert decision.outcome == "kept"
+    assert decision.reason.endswith("guard instruction_exact_match is None")
+
+
+def test_a_failed_evaluation_names_the_metric_that_is_not_finite(
+    store_cfg: Config, adapter_dir: Path
+) -> None:
+    cfg = _gated(store_cfg, "failed")
+    failed = _new_version(cfg, adapter_dir, {"caption_cider": 0.5, "caption_meteor": float("nan")})
+    decision = promote(cfg, failed)
+    assert decision.outcome == "refused"
+    assert decision.reason.startswith("evaluation is failed (caption_meteor not finite)")

@@ -28,6 +28,19 @@ UNTRACKED = "untracked"
 RUN_PREFIX = "runs:/"
 REGISTRY_PREFIX = "models:/"
 RUN_ADAPTER_PATH = "adapter"  # where training logs the final adapter in its run
+# An evaluation is a run of its own, a child of the training run it scores (which it never changes):
+STAGE_TAG = "lav2.stage"
+TRAINING_RUN_TAG = "lav2.training_run_id"
+
+
+def evaluation_run_of(client: MlflowClient, experiment_id: str, training_run_id: str) -> str | None:
+    """The latest evaluation run of ``training_run_id`` (None when it was never evaluated with tracking)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TRAINING_RUN_TAG}` = '{training_run_id}' and tags.`{STAGE_TAG}` = 'evaluate'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 class TrackingUnavailableError(RuntimeError):

@@ -6,6 +6,7 @@ kills during a run (a real training subprocess) and restarts.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,16 @@ def test_a_run_records_params_tags_metrics_and_artifacts(tiny_project: Path, tmp
     assert run.data.params["training.steps"] == str(TINY_STEPS)
     assert run.data.params["model.adapter.prompt_len"] == "3"
     assert {"git_commit", "data_dvc_md5", "base_model", "base_config_sha256"} <= run.data.tags.keys()
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # MLflow's own field, shown in its UI
+    assert run.data.tags["mlflow.source.name"] == "lav2 train"
+    inputs = {(d.dataset.name, d.tags[0].value): json.loads(d.dataset.profile)["num_rows"]
+              for d in run.inputs.dataset_inputs}
+    shards = Path(cfg.data.work_dir) / "shards"
+    assert inputs == {
+        (f"tiny-train-{task}-{split}", "training" if split == "train" else "evaluation"):
+            json.loads((shards / task / split / "index.json").read_text())["count"]
+        for task in ("caption", "instruction") for split in ("train", "holdout")
+    }
     assert run.info.artifact_uri.startswith((tmp_path / "artifacts" / "tiny-train").as_uri())
     tasks = task_schedule(cfg.training)
     for task, group in (("caption", "visual"), ("instruction", "language")):

@@ -48,9 +48,14 @@ def evaluate(
         list[Path] | None,
         typer.Option("--choices", exists=True, dir_okay=False, help="MMLU-layout JSONL (repeatable)"),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="default <training.output_dir>/eval")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="default <training.output_dir>/eval (--zero-init: .../eval-zero-init)"),
+    ] = None,
     run_id: Annotated[
-        str | None, typer.Option("--run-id", help="MLflow run to log into; default: the training run")
+        str | None,
+        typer.Option("--run-id", help="training run the scores belong to (logged in a child run of it); "
+                     "default: the checkpoint's"),
     ] = None,
     max_images: Annotated[int | None, typer.Option("--max-images", min=1)] = None,
     max_instructions: Annotated[int | None, typer.Option("--max-instructions", min=1)] = None,
@@ -71,7 +76,7 @@ def evaluate(
     with errors_exit(FileNotFoundError):
         metrics = run.evaluate(cfg, adapter_dir, options)
     typer.echo(report.metrics_table(metrics))
-    typer.echo(f"written to {out or cfg.training.output_dir / 'eval'}")
+    typer.echo(f"written to {out or run.eval_dir(cfg, zero_init)}")
 
 
 def _expert_configs(names: list[str] | None, caption_model: str | None) -> list[ExpertConfig]:

@@ -37,6 +37,11 @@ def register(  # noqa: PLR0917 - typer maps each parameter to an option
     run_id: Annotated[str | None, typer.Option(help="Training run (default: its checkpoint's)")] = None,
     adapter: Annotated[Path | None, typer.Option(help="Adapter (default: <output_dir>/adapter)")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Evaluation metrics JSON (none: unevaluated)")] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False,
+                     help="The zero-init model's metrics JSON (lav2 evaluate --zero-init): the baseline"),
+    ] = None,
     promote: Annotated[bool, typer.Option("--promote", help="Then run the promotion gate on it")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the version (and decision) as JSON here")] = None,
     overrides: Overrides = None,
@@ -53,7 +58,8 @@ def register(  # noqa: PLR0917 - typer maps each parameter to an option
         typer.secho(f"{checkpoints}: no complete checkpoint with an MLflow run id; pass --run-id",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
-    version = registry.register(cfg, run_id, adapter, _read_metrics(metrics))
+    version = registry.register(cfg, run_id, adapter,
+                                registry.with_baseline(_read_metrics(metrics), _read_metrics(baseline)))
     typer.echo(f"registered {version.name} version {version.version} (evaluation {version.evaluation})")
     record: dict[str, object] = {"version": asdict(version)}
     if promote:
@@ -70,7 +76,7 @@ def promote(
     version: Annotated[str, typer.Argument(help="Registered model version to consider")],
     overrides: Overrides = None,
 ) -> None:
-    """Move the champion alias to VERSION only if it beats the champion; exit 3 when refused."""
+    """Move the champion alias to VERSION only if it beats its baseline and the champion (exit 3: refused)."""
     from llama_adapter_v2 import registry  # noqa: PLC0415 - lazy: CLI starts without torch
 
     decision = registry.promote(load_or_exit(config, overrides), version)

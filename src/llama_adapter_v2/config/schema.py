@@ -396,10 +396,22 @@ class TrainingConfig(Strict):
 
 
 class PromotionConfig(Strict):
+    """The gate: ``metric`` must beat the zero-init baseline and the champion by ``margin``."""
+
     metric: str = "caption_cider"
     margin: Annotated[float, Field(ge=0)] = 0.0
     greater_is_better: bool = True
     alias: str = "champion"
+    beat_baseline: bool = Field(
+        default=True,
+        description="refuse a version that lacks or does not beat baseline_<metric> (the zero-init model's); "
+        "false only for smoke runs whose few steps cannot beat anything",
+    )
+    guards: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="metric -> how far it may fall below the champion's (or, first, the baseline's); "
+        "higher is better",
+    )
 
 
 class TrackingConfig(Strict):

@@ -28,5 +28,5 @@ class EvalOptions:
     choice_files: tuple[Path, ...] = ()
     phrasings: tuple[str, ...] = CAPTION_PHRASINGS
     out_dir: Path | None = None
-    run_id: str | None = None
+    run_id: str | None = None  # the training run: the scores go to a child run of it, never into it
     log_to_mlflow: bool = True

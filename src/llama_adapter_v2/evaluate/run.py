@@ -5,7 +5,8 @@ instruction record, scores them (COCO caption metrics; exact match and ROUGE-L p
 the held-out losses, the caption metric's spread over several phrasings of the caption
 instruction (MultiInstruct's sensitivity) and any MMLU-layout files, and writes flat metrics
 to ``<training.output_dir>/eval/metrics.json`` (DVC metrics) beside per-sample outputs and a
-markdown table; with tracking on, the same go to MLflow. ``adapter_dir=None`` evaluates the
+markdown table; with tracking on, the same go to an MLflow run of their own (a child of the
+training run). ``adapter_dir=None`` evaluates the
 zero-init model (the frozen base), the baseline a trained adapter must beat. Generating and
 scoring are ``scoring``'s; the model comes from ``infer``.
 """
@@ -13,6 +14,7 @@ scoring are ``scoring``'s; the model comes from ``infer``.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import mlflow
@@ -31,21 +33,29 @@ from llama_adapter_v2.evaluate.scoring import (
 )
 from llama_adapter_v2.infer.loading import inference_model
 from llama_adapter_v2.model.build import load_tokenizer
-from llama_adapter_v2.store import ensure_experiment
+from llama_adapter_v2.store import STAGE_TAG, TRAINING_RUN_TAG, ensure_experiment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalOptions", "evaluate", "log_to_mlflow"]
+__all__ = ["EvalOptions", "eval_dir", "evaluate", "log_to_mlflow"]
 
 
-def log_to_mlflow(cfg: Config, metrics: dict[str, float], out: Path, run_id: str | None) -> str:
-    """Metrics and the eval folder as artifacts, into ``run_id`` or a new run of the experiment."""
+def eval_dir(cfg: Config, zero_init: bool = False) -> Path:
+    """Where an evaluation is written by default: the trained adapter's and the zero-init baseline's
+    never share a folder, so scoring the baseline cannot overwrite the model's figures."""
+    return cfg.training.output_dir / ("eval-zero-init" if zero_init else "eval")
+
+
+def log_to_mlflow(cfg: Config, metrics: dict[str, float], out: Path, training_run_id: str | None,
+                  run_name: str | None = None) -> str:
+    """Metrics and the eval folder as artifacts, in a run of their own: a child of the training run
+    when there is one (MLflow nests it there), so evaluating never changes the training run."""
     experiment_id = ensure_experiment(cfg)
-    with mlflow.start_run(
-        run_id=run_id,
-        experiment_id=None if run_id else experiment_id,
-        run_name=None if run_id else f"evaluate-{cfg.name}",
-    ) as run:
+    tags = {STAGE_TAG: "evaluate", "mlflow.source.name": "lav2 evaluate"}
+    if training_run_id:
+        tags |= {"mlflow.parentRunId": training_run_id, TRAINING_RUN_TAG: training_run_id}
+    name = run_name or f"evaluate-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_metrics({f"eval/{name}": value for name, value in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="eval")
         return run.info.run_id
@@ -56,7 +66,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Score ``adapter_dir`` (None: the zero-init model) on the held-out data; write and log the results."""
     options = options or EvalOptions()
-    out = options.out_dir or cfg.training.output_dir / "eval"
+    out = options.out_dir or eval_dir(cfg, zero_init=adapter_dir is None)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.training.seed)  # the zero-init model's prompts are drawn from it
     model = inference_model(cfg, adapter_dir)
@@ -75,5 +85,6 @@ def evaluate(
     write_json_atomic(out / "metrics.json", metrics)
     (out / "metrics.md").write_text(metrics_table(metrics), encoding="utf-8")
     if options.log_to_mlflow and cfg.tracking.enabled:
-        log_to_mlflow(cfg, metrics, out, options.run_id)
+        baseline_name = f"baseline-zero-init-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        log_to_mlflow(cfg, metrics, out, options.run_id, run_name=None if adapter_dir else baseline_name)
     return metrics

@@ -4,6 +4,6 @@ The served pyfunc (``pyfunc_model`` -> ``answering``) answers through ``infer.ch
 """
 
 from llama_adapter_v2.registry.promote import PromotionDecision, promote
-from llama_adapter_v2.registry.register import RegisteredVersion, register
+from llama_adapter_v2.registry.register import RegisteredVersion, register, with_baseline
 
-__all__ = ["PromotionDecision", "RegisteredVersion", "promote", "register"]
+__all__ = ["PromotionDecision", "RegisteredVersion", "promote", "register", "with_baseline"]

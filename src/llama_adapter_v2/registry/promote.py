@@ -1,7 +1,11 @@
-"""Gated promotion: the alias moves only to an evaluated version that beats the champion.
+"""Gated promotion: the alias moves only to an evaluated version that beats the zero-init baseline
+and the champion, with no guard metric fallen too far.
 
-Every decision (promoted, kept, refused) is written as tags on the challenger version with the
-numbers it was based on, so the registry itself explains why an alias points where it does.
+The baseline is the frozen base with the adapter at its identity (``lav2 evaluate --zero-init``):
+a trained adapter that does not beat doing nothing must never become the champion, even the
+first. Every decision (promoted, kept, refused) is written as tags on the challenger version with
+the versions and rounded numbers it compared, so the registry itself explains why an alias
+points where it does.
 """
 
 from __future__ import annotations
@@ -9,12 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from mlflow.exceptions import MlflowException
 
 from llama_adapter_v2.config import Config
-from llama_adapter_v2.registry.register import METRIC_TAG_PREFIX, TAG_EVALUATION
+from llama_adapter_v2.config.schema import PromotionConfig
+from llama_adapter_v2.registry.register import BASELINE_PREFIX, METRIC_TAG_PREFIX, TAG_EVALUATION
 from llama_adapter_v2.store import use_tracking
 
 Outcome = Literal["promoted", "kept", "refused"]
@@ -31,6 +36,7 @@ class PromotionDecision:
     champion_value: float | None
     margin: float
     reason: str
+    baseline_value: float | None = None
 
     @property
     def promoted(self) -> bool:
@@ -42,6 +48,7 @@ class PromotionDecision:
             "promotion.reason": self.reason,
             "promotion.metric": self.metric,
             "promotion.challenger_value": repr(self.challenger_value),
+            "promotion.baseline_value": repr(self.baseline_value),
             "promotion.champion_version": str(self.champion_version),
             "promotion.champion_value": repr(self.champion_value),
             "promotion.margin": repr(self.margin),
@@ -60,60 +67,117 @@ def beats(challenger: float, champion: float, margin: float, greater_is_better: 
     return gain > margin
 
 
-def _refusal(tags: dict[str, str], status: str, metric: str) -> str | None:
+def _refusal(tags: dict[str, str], status: str, rule: PromotionConfig) -> str | None:
     if status != "READY":
         return f"version status is {status}, not READY"
     evaluation = tags.get(TAG_EVALUATION, "missing")
     if evaluation != "passed":
-        return f"evaluation is {evaluation}: only evaluated versions can be promoted"
-    value = _metric_of(tags, metric)
+        bad = sorted(key.removeprefix(METRIC_TAG_PREFIX) for key, raw in tags.items()
+                     if key.startswith(METRIC_TAG_PREFIX) and not math.isfinite(float(raw)))
+        which = f" ({', '.join(bad)} not finite)" if bad else ""
+        return f"evaluation is {evaluation}{which}: only evaluated versions can be promoted"
+    value = _metric_of(tags, rule.metric)
     if value is None or not math.isfinite(value):
-        return f"metric {metric} is {value}: unevaluated on the promotion metric"
+        return f"metric {rule.metric} is {value}: unevaluated on the promotion metric"
+    baseline = _metric_of(tags, BASELINE_PREFIX + rule.metric)
+    if rule.beat_baseline and (baseline is None or not math.isfinite(baseline)):
+        return (f"no zero-init baseline for {rule.metric} ({BASELINE_PREFIX}{rule.metric} is {baseline}): "
+                "register with --baseline <metrics of lav2 evaluate --zero-init>")
     return None
 
 
+def _champion(client: Any, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _fallen_guards(rule: PromotionConfig, tags: dict[str, str], reference: dict[str, str],
+                   reference_name: str, prefix: str) -> list[str]:
+    """The guard metrics that fell below the reference by more than their tolerance, as sentences."""
+    fallen = []
+    for metric, tolerance in sorted(rule.guards.items()):
+        value, before = _metric_of(tags, metric), _metric_of(reference, prefix + metric)
+        if value is None or not math.isfinite(value):
+            fallen.append(f"guard {metric} is {value}")
+        elif before is not None and before - value > tolerance:
+            fallen.append(f"guard {metric} {value:.4g} fell {before - value:.4g} below {reference_name}'s "
+                          f"{before:.4g} (tolerance {tolerance:g})")
+    return fallen
+
+
 def decide(cfg: Config, version: str) -> PromotionDecision:
-    """Compare ``version`` with the current alias holder; changes nothing."""
+    """Compare ``version`` with its baseline and the current alias holder; changes nothing."""
     rule = cfg.tracking.promotion
     client = use_tracking(cfg)
     name = cfg.tracking.registered_model
     challenger = client.get_model_version(name, version)
     value = _metric_of(challenger.tags, rule.metric)
-    common = {"version": str(version), "alias": rule.alias, "metric": rule.metric, "margin": rule.margin}
-    if reason := _refusal(challenger.tags, challenger.status, rule.metric):
-        return PromotionDecision("refused", challenger_value=value, champion_version=None,
-                                 champion_value=None, reason=reason, **common)
-    try:
-        champion = client.get_model_version_by_alias(name, rule.alias)
-    except MlflowException:
-        return PromotionDecision("promoted", challenger_value=value, champion_version=None,
-                                 champion_value=None, reason=f"first evaluated version: no @{rule.alias} yet",
+    baseline = _metric_of(challenger.tags, BASELINE_PREFIX + rule.metric)
+    common: dict[str, Any] = {"version": str(version), "alias": rule.alias, "metric": rule.metric,
+                              "margin": rule.margin, "challenger_value": value, "baseline_value": baseline}
+    if reason := _refusal(challenger.tags, challenger.status, rule):
+        return PromotionDecision("refused", champion_version=None, champion_value=None, reason=reason,
                                  **common)
-    champion_value = _metric_of(champion.tags, rule.metric)
     assert value is not None
-    if str(champion.version) == str(version):
-        return PromotionDecision("kept", challenger_value=value, champion_version=str(champion.version),
-                                 champion_value=champion_value, reason=f"already @{rule.alias}", **common)
-    if champion_value is None or beats(value, champion_value, rule.margin, rule.greater_is_better):
-        direction = "higher" if rule.greater_is_better else "lower"
-        reason = (
-            f"{rule.metric} {value:.6g} vs {champion_value} ({direction} is better, margin {rule.margin})"
-        )
-        outcome: Outcome = "promoted"
+    champion = _champion(client, name, rule.alias)
+    common["champion_version"] = None if champion is None else str(champion.version)
+    common["champion_value"] = None if champion is None else _metric_of(champion.tags, rule.metric)
+    return _judge(rule, challenger.tags, champion, common)
+
+
+def _judge(rule: PromotionConfig, tags: dict[str, str], champion: Any | None,
+           common: dict[str, Any]) -> PromotionDecision:
+    """The gate's order: baseline, then champion, then guards; the first failure decides."""
+    version, value, baseline = common["version"], common["challenger_value"], common["baseline_value"]
+    champion_version, champion_value = common["champion_version"], common["champion_value"]
+    head = f"version {version} {rule.metric} {value:.4g}"
+    if champion_version == version:
+        return PromotionDecision("kept", reason=f"already @{rule.alias}", **common)
+    if rule.beat_baseline and baseline is not None and not beats(value, baseline, rule.margin,
+                                                                 rule.greater_is_better):
+        return PromotionDecision("refused", reason=f"{head} does not beat the zero-init baseline's "
+                                 f"{baseline:.4g} by more than {rule.margin:g}", **common)
+    champion_name = f"@{rule.alias} version {champion_version}"
+    if champion_value is not None and not beats(value, champion_value, rule.margin, rule.greater_is_better):
+        return PromotionDecision("kept", reason=f"{head} does not beat {champion_name}'s "
+                                 f"{champion_value:.4g} by more than {rule.margin:g}", **common)
+    if champion is not None:
+        fallen = _fallen_guards(rule, tags, champion.tags, champion_name, "")
     else:
-        reason = f"{rule.metric} {value:.6g} does not beat {champion_value:.6g} by more than {rule.margin}"
-        outcome = "kept"
-    return PromotionDecision(outcome, challenger_value=value, champion_version=str(champion.version),
-                             champion_value=champion_value, reason=reason, **common)
+        fallen = _fallen_guards(rule, tags, tags, "the zero-init baseline", BASELINE_PREFIX)
+    if fallen:
+        outcome: Outcome = "kept" if champion is not None else "refused"
+        return PromotionDecision(outcome, reason=f"{head} beats the gate, but " + "; ".join(fallen), **common)
+    gated_by_baseline = rule.beat_baseline and baseline is not None
+    beaten = [f"the zero-init baseline's {baseline:.4g}"] if gated_by_baseline else []
+    beaten += [] if champion_value is None else [f"{champion_name}'s {champion_value:.4g}"]
+    direction = "higher" if rule.greater_is_better else "lower"
+    against = " and ".join(beaten) if beaten else "nothing to compare"
+    first = "" if champion is not None else f"; no @{rule.alias} yet"
+    guards = f"; guards held: {', '.join(sorted(rule.guards))}" if rule.guards else ""
+    reason = f"{head} beats {against} by more than {rule.margin:g} ({direction} is better){first}{guards}"
+    return PromotionDecision("promoted", reason=reason, **common)
 
 
 def promote(cfg: Config, version: str) -> PromotionDecision:
     """Decide, record the decision as tags on the version, and move the alias when promoted."""
     decision = decide(cfg, str(version))
+    if decision.outcome == "kept" and decision.champion_version == decision.version:
+        return decision  # the champion asked again (a re-run pipeline): its recorded decision stands
     client = use_tracking(cfg)
     name = cfg.tracking.registered_model
     for key, value in decision.as_tags().items():
         client.set_model_version_tag(name, str(version), key, value)
+    tags = client.get_model_version(name, str(version)).tags
+    client.update_model_version(name, str(version), description=(
+        f"{decision.outcome}: {decision.reason}. Data {tags.get('data_hash', '?')[:12]}, "
+        f"commit {tags.get('git_commit', '?')[:12]}."
+    ))
     if decision.promoted:
         client.set_registered_model_alias(name, decision.alias, str(version))
+        if decision.champion_version is not None:  # the old champion's own "promoted" is history now
+            client.set_model_version_tag(name, decision.champion_version, "promotion.superseded_by",
+                                         str(version))
     return decision

@@ -9,6 +9,7 @@ model's URI.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,19 +19,28 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
-import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.environment import project_root
-from llama_adapter_v2.store import data_hash, ensure_experiment, git_commit, use_tracking
+from llama_adapter_v2.store import data_hash, ensure_experiment, evaluation_run_of, git_commit, use_tracking
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME_IN_RUN = "model"
 TAG_EVALUATION = "evaluation"  # passed | failed | missing
 METRIC_TAG_PREFIX = "metric."
+BASELINE_PREFIX = "baseline_"  # the zero-init model's metrics, stored beside the candidate's
+
+
+def with_baseline(
+    metrics: dict[str, float] | None, baseline: dict[str, float] | None
+) -> dict[str, float] | None:
+    """The candidate's metrics plus the zero-init model's as ``baseline_<metric>``: what the gate compares."""
+    if metrics is None or not baseline:
+        return metrics
+    return {**metrics, **{f"{BASELINE_PREFIX}{key}": value for key, value in baseline.items()}}
 
 
 @dataclass(frozen=True)
@@ -80,9 +90,11 @@ def model_identity(cfg: Config) -> dict[str, str]:
 
 
 def evaluation_status(metrics: dict[str, float] | None) -> str:
-    if not metrics:
+    """The candidate's own metrics decide; its baseline's are the gate's concern."""
+    own = {key: value for key, value in (metrics or {}).items() if not key.startswith(BASELINE_PREFIX)}
+    if not own:
         return "missing"
-    return "passed" if all(math.isfinite(value) for value in metrics.values()) else "failed"
+    return "passed" if all(math.isfinite(value) for value in own.values()) else "failed"
 
 
 def _signature() -> object:
@@ -104,7 +116,6 @@ def version_tags(cfg: Config, metrics: dict[str, float] | None) -> dict[str, str
     tags = {
         "git_commit": git_commit(root),
         "data_hash": data_hash(root),
-        "config": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
         "config_digest": config_digest(cfg),
         TAG_EVALUATION: evaluation_status(metrics),
         **model_identity(cfg),
@@ -116,13 +127,16 @@ def version_tags(cfg: Config, metrics: dict[str, float] | None) -> dict[str, str
 def register(
     cfg: Config, run_id: str, adapter_dir: Path, metrics: dict[str, float] | None
 ) -> RegisteredVersion:
-    """Log the adapter as a pyfunc into ``run_id`` and make it a new version of the registered model."""
+    """Log the adapter as a pyfunc (in ``run_id``'s evaluation run, if any) and make it a new version of
+    the registered model that points at the training run ``run_id`` and at that evaluation run."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} not found: train first")
     client = use_tracking(cfg)
-    ensure_experiment(cfg)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    evaluation_run = evaluation_run_of(client, ensure_experiment(cfg), run_id)
+    # the model goes to the evaluation run (or none): the training run stays as training left it
+    in_run = mlflow.start_run(run_id=evaluation_run) if evaluation_run else contextlib.nullcontext()
+    with in_run, warnings.catch_warnings():
         # the signature is explicit; an input example would make MLflow load and run the model here
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         info = mlflow.pyfunc.log_model(
@@ -133,13 +147,11 @@ def register(
             signature=_signature(),
             pip_requirements=_pip_requirements(),
         )
-        for key, value in (metrics or {}).items():
-            mlflow.log_metric(f"eval_{key}", float(value))
     try:
         client.get_registered_model(cfg.tracking.registered_model)
     except MlflowException:
         client.create_registered_model(cfg.tracking.registered_model)
-    tags = version_tags(cfg, metrics)
+    tags = version_tags(cfg, metrics) | {"training_run_id": run_id, "evaluation_run_id": evaluation_run or ""}
     version = client.create_model_version(
         cfg.tracking.registered_model, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
     )

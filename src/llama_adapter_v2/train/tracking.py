@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from llama_adapter_v2.config.schema import Config
@@ -72,6 +72,8 @@ def deliver(client: Any, record: Record) -> None:
             client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_REQUEST], synchronous=True)
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()], synchronous=True)
+    elif kind == "datasets":
+        client.log_inputs(run_id, datasets=[_dataset_input(entry) for entry in record["datasets"]])
     elif kind == "artifact":
         path = Path(record["path"])
         if path.is_dir():
@@ -82,6 +84,14 @@ def deliver(client: Any, record: Record) -> None:
         client.set_terminated(run_id, status=record["status"])
     else:
         raise ValueError(f"unknown tracking record kind {kind!r}")
+
+
+def _dataset_input(entry: Mapping[str, Any]) -> DatasetInput:
+    """One shard split as MLflow's dataset input: name, DVC hash as digest, folder, size as profile."""
+    dataset = Dataset(name=entry["name"], digest=entry["digest"], source_type="local",
+                      source=json.dumps({"uri": entry["source"]}),
+                      profile=json.dumps({"num_rows": entry["samples"]}))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", entry["context"])])
 
 
 def replay_spill(client: Any, spill: Path) -> tuple[int, int]:
@@ -202,6 +212,10 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.submit({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Run inputs: ``{"name", "digest", "source", "samples", "context"}`` each."""
+        self.submit({"kind": "datasets", "datasets": datasets})
+
     def start_system_metrics(self, uri: str, interval_s: float = 10.0) -> None:
         self._system_monitor = SystemMetricsMonitor(
             self.run_id, sampling_interval=interval_s, tracking_uri=uri
@@ -239,7 +253,8 @@ def open_tracker(cfg: Config, *, resume_run_id: str | None, run_name: str | None
     if resume_run_id is not None:
         client.update_run(resume_run_id, status="RUNNING")
         return MlflowTracker(client, resume_run_id, spill_path(cfg, resume_run_id))
-    run = client.create_run(ensure_experiment(cfg), run_name=run_name or cfg.name)
+    started = time.strftime("%Y%m%d-%H%M%S")  # runs of one config must be told apart in the run list
+    run = client.create_run(ensure_experiment(cfg), run_name=run_name or f"train-{cfg.name}-{started}")
     tracker = MlflowTracker(client, run.info.run_id, spill_path(cfg, run.info.run_id))
     tracker.log_params(flatten(cfg.model_dump(mode="json")))
     return tracker
