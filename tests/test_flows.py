@@ -52,6 +52,21 @@ def test_cache_keys_follow_the_parameters_dvc_yaml_lists(repo_root: Path) -> Non
     assert stage_key("train", base, "untracked") is None  # no data version: never cached
 
 
+def test_every_parameter_dvc_yaml_lists_is_written_in_the_shipped_config(repo_root: Path) -> None:
+    """DVC reads params from the file as written (not the schema's defaults): a missing one stops
+    `dvc repro` after it has removed the stage's outputs."""
+    written = yaml.safe_load((repo_root / "configs" / "demo.yaml").read_text())
+    missing = []
+    for stage in read_stages(repo_root / "dvc.yaml").values():
+        for name in stage.params:
+            node = written
+            for part in name.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                missing.append(f"{stage.name}: {name}")
+    assert not missing
+
+
 def test_dvc_yaml_is_the_stage_list_of_the_flow(flows: ModuleType, repo_root: Path) -> None:
     stages = read_stages(repo_root / "dvc.yaml")
     assert set(flows.TASK_OF_STAGE) == set(stages) - {"config"}
