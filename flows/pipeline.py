@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
@@ -48,10 +49,11 @@ from llama_adapter_v2.data.demo import generate_demo
 from llama_adapter_v2.data.paths import DataPaths
 from llama_adapter_v2.data.pipeline import prepare, shard, validate
 from llama_adapter_v2.environment import project_root
+from llama_adapter_v2.evaluate.report import HEADLINE_METRICS, pipeline_report
 from llama_adapter_v2.evaluate.run import EvalOptions, eval_dir, evaluate
 from llama_adapter_v2.registry import promote, register, with_baseline
 from llama_adapter_v2.stages import DEMO_DATA, stage_key, training_identity
-from llama_adapter_v2.store import UNTRACKED, data_hash, tracking_uri
+from llama_adapter_v2.store import UNTRACKED, data_hash, run_link, tracking_uri, version_link
 from llama_adapter_v2.train.checkpoint import recorded_run_id
 from llama_adapter_v2.train.demo_base import train_demo_base
 from llama_adapter_v2.train.demo_clip import train_demo_clip
@@ -182,7 +184,13 @@ def prepare_task(config_path: str, overrides: list[str], cache_key: str | None) 
 
 @task(name="validate", **IO_RETRIES, **task_options)
 def validate_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
-    return validate(load(config_path, overrides), project_root())
+    summary = validate(load(config_path, overrides), project_root())
+    for kind, counts in sorted(summary.items()):
+        if isinstance(counts, dict) and "input" in counts:
+            get_run_logger().info("%s: %d records in, %d clean, %d quarantined, %d duplicates", kind,
+                                  counts["input"], counts.get("clean", 0), counts.get("quarantined", 0),
+                                  counts.get("duplicates", 0))
+    return summary
 
 
 @task(name="shard", **IO_RETRIES, **task_options)
@@ -220,20 +228,26 @@ def train_task(config_path: str, overrides: list[str], identity: str, cache_key:
         subprocess.run(command, check=True, cwd=project_root())
         return read_train_result(cfg, time.perf_counter() - started)
 
-    return train_summary(train(cfg, resume=True))
+    summary = train_summary(train(cfg, resume=True))
+    get_run_logger().info("trained in %.1f s; MLflow run %s", summary["seconds"], summary["run_id"])
+    return summary
 
 
 @task(name="evaluate", **IO_RETRIES, **task_options)
 def evaluate_task(config_path: str, overrides: list[str], adapter_dir: str, run_id: str | None,
                   cache_key: str | None) -> dict[str, float]:
-    """Scores go into the training's MLflow run, beside its losses."""
-    return evaluate(load(config_path, overrides), Path(adapter_dir), EvalOptions(run_id=run_id))
+    """Scores go into a child run of the training run (the training run stays as it was)."""
+    metrics = evaluate(load(config_path, overrides), Path(adapter_dir), EvalOptions(run_id=run_id))
+    _log_headline("held-out", metrics)
+    return metrics
 
 
 @task(name="baseline", **IO_RETRIES, **task_options)
 def baseline_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, float]:
     """The zero-init model on the same held-out data (its own MLflow run): what a version must beat."""
-    return evaluate(load(config_path, overrides), None)
+    metrics = evaluate(load(config_path, overrides), None)
+    _log_headline("zero-init baseline", metrics)
+    return metrics
 
 
 @task(name="register", **IO_RETRIES, **task_options)
@@ -241,12 +255,21 @@ def register_task(config_path: str, overrides: list[str], *, run_id: str, adapte
                   metrics: dict[str, float], cache_key: str | None) -> dict[str, str]:
 
     version = register(load(config_path, overrides), run_id, Path(adapter_dir), metrics)
+    get_run_logger().info("registered %s version %s (evaluation %s)", version.name, version.version,
+                          version.evaluation)
     return {"name": version.name, "version": version.version, "evaluation": version.evaluation}
 
 
 @task(name="promote", **IO_RETRIES)
 def promote_task(config_path: str, overrides: list[str], version: str) -> dict[str, Any]:
-    return asdict(promote(load(config_path, overrides), version))
+    decision = promote(load(config_path, overrides), version)
+    get_run_logger().info("version %s %s: %s", version, decision.outcome, decision.reason)
+    return asdict(decision)
+
+
+def _log_headline(what: str, metrics: dict[str, float]) -> None:
+    shown = ", ".join(f"{name} {metrics[name]:.4g}" for name in HEADLINE_METRICS if name in metrics)
+    get_run_logger().info("%s: %s (%d metrics)", what, shown, len(metrics))
 
 
 # The dvc.yaml stage each task runs (dvc's ``config`` stage only snapshots the resolved config),
@@ -338,6 +361,22 @@ def promote_flow(config_path: str, version: str, overrides: list[str] | None = N
     return promote_task(config_path, overrides or [], version)
 
 
+def publish_report(cfg: Config, run_id: str, version: dict[str, str], decision: dict[str, Any], *,
+                   metrics: dict[str, float], baseline: dict[str, float], data_version: str) -> None:
+    """The flow run's Artifacts tab: a markdown summary and links to the MLflow run and version."""
+    validation_file = DataPaths(cfg.data.work_dir).validation_metrics
+    validation = json.loads(validation_file.read_text(encoding="utf-8")) if validation_file.is_file() else {}
+    names = list(dict.fromkeys([decision["metric"], *cfg.tracking.promotion.guards, *HEADLINE_METRICS]))
+    training_page = run_link(cfg, run_id)
+    create_markdown_artifact(key="pipeline-summary", description="validation, scores, promotion", markdown=(
+        pipeline_report(validation=validation, metrics=metrics, baseline=baseline, names=names,
+                        decision=decision, version=version, data_hash=data_version, run_link=training_page)))
+    create_link_artifact(key="mlflow-training-run", link=training_page, link_text=f"MLflow run {run_id}")
+    version_page = version_link(cfg, version["name"], version["version"])
+    create_link_artifact(key="mlflow-model-version", link=version_page,
+                         link_text=f"{version['name']} version {version['version']} ({decision['outcome']})")
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """validate-data -> train -> evaluate (and the zero-init baseline) -> register -> promote."""
@@ -355,6 +394,8 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
         version = register_flow(run_id=trained["run_id"], adapter_dir=trained["adapter_dir"],
                                 metrics=with_baseline(metrics, baseline), **common)
         decision = promote_flow(version=version["version"], **common)
+        publish_report(cfg, trained["run_id"], version, decision, metrics=metrics, baseline=baseline,
+                       data_version=data_version)
     summary = {"config_path": config_path, "overrides": overrides, "data_hash": data_version,
                "tracking_uri": tracking_uri(cfg),
                "train": trained, "metrics": metrics, "version": version, "promotion": decision,

@@ -93,8 +93,12 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_a_parameter_touches(
     metrics = json.loads(_run(project, env, dvc, "metrics", "show", "--json"))
     shown = metrics[""]["data"]["artifacts/train/demo/eval/metrics.json"]["data"]
     assert shown == json.loads((project / "artifacts/train/demo/eval/metrics.json").read_text())
+    trained = metrics[""]["data"]["artifacts/train/demo/train-metrics.json"]["data"]
+    assert trained["steps"] == 4 and set(trained) >= {"caption_holdout_loss", "instruction_holdout_loss"}
     _run(project, env, dvc, "plots", "show", "-o", str(project.parent / "plots"))
-    assert "loss_per_task.png" in (project.parent / "plots" / "index.html").read_text()
+    page = (project.parent / "plots" / "index.html").read_text()
+    assert "loss_per_task.png" in page
+    assert "loss_caption_train.csv" in page and "grad_norm_language.csv" in page  # curves as data
 
     second = _run(project, env, dvc, "repro")
     assert _stages_run(second) == set()

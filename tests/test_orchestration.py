@@ -139,6 +139,44 @@ def test_pipeline_deployment_completes_with_run_and_version(
     assert float(version.tags["metric.caption_cider"]) == pytest.approx(summary["metrics"]["caption_cider"])
     champion = client.get_model_version_by_alias("llama-adapter-v2-demo", "champion")
     assert champion.version == version.version  # the first evaluated version becomes champion
+    assert version.tags["evaluation_run_id"] != run.info.run_id  # scores live in a child run
+
+    artifacts = _api(f"{prefect_api}/artifacts/filter",
+                     {"artifacts": {"flow_run_id": {"any_": [deployment_run["id"]]}}})
+    by_key = {artifact["key"]: artifact for artifact in artifacts}
+    assert {"pipeline-summary", "mlflow-training-run", "mlflow-model-version"} <= by_key.keys()
+    report = by_key["pipeline-summary"]["data"]
+    assert f"llama-adapter-v2-demo version {version.version}: promoted" in report
+    assert "| caption_cider |" in report and "zero-init baseline" in report
+    # Prefect keeps a link artifact as its markdown, [text](link)
+    assert f"/runs/{run.info.run_id})" in by_key["mlflow-training-run"]["data"]
+    version_page = f"/models/llama-adapter-v2-demo/versions/{version.version})"
+    assert version_page in by_key["mlflow-model-version"]["data"]
+
+
+def _as_it_was(run: Any) -> tuple[Any, ...]:
+    return (run.data.metrics, run.data.params, run.info.status, run.info.start_time, run.info.end_time)
+
+
+def test_a_second_pipeline_run_changes_no_run_no_version_and_no_decision(
+    project: Project, deployment_run: dict[str, Any]
+) -> None:
+    assert deployment_run["state"]["type"] == "COMPLETED", deployment_run["worker_log"]
+    client = _mlflow_client(project)
+    summary = json.loads((project.root / "artifacts" / "pipeline" / "last-run.json").read_text())
+    training = client.get_run(summary["train"]["run_id"])
+    version = client.get_model_version("llama-adapter-v2-demo", summary["version"]["version"])
+    logged = client.search_logged_models([training.info.experiment_id])
+
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    output = project.run(str(BIN / "lav2"), "pipeline", "configs/demo.yaml", *sets, timeout=400).stdout
+    assert f"version {version.version}" in output
+
+    assert _as_it_was(client.get_run(training.info.run_id)) == _as_it_was(training)
+    again = client.get_model_version("llama-adapter-v2-demo", version.version)
+    assert again.tags == version.tags  # its promotion decision was not rewritten
+    assert len(client.search_model_versions("name='llama-adapter-v2-demo'")) == 1
+    assert len(client.search_logged_models([training.info.experiment_id])) == len(logged)
 
 
 def _png_base64(width: int, height: int) -> str:

@@ -33,16 +33,6 @@ STAGE_TAG = "lav2.stage"
 TRAINING_RUN_TAG = "lav2.training_run_id"
 
 
-def evaluation_run_of(client: MlflowClient, experiment_id: str, training_run_id: str) -> str | None:
-    """The latest evaluation run of ``training_run_id`` (None when it was never evaluated with tracking)."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TRAINING_RUN_TAG}` = '{training_run_id}' and tags.`{STAGE_TAG}` = 'evaluate'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
 class TrackingUnavailableError(RuntimeError):
     """The configured tracking server cannot be reached."""
 
@@ -127,6 +117,31 @@ def ensure_experiment(cfg: Config) -> str:
 
 
 # --------------------------------------------------------------------------- fetch
+
+
+def ui_base(cfg: Config) -> str:
+    """MLflow's UI: the tracking server itself, or where ``mlflow ui`` serves a local store by default."""
+    uri = tracking_uri(cfg)
+    return uri.rstrip("/") if is_remote(uri) else "http://127.0.0.1:5000"
+
+
+def run_link(cfg: Config, run_id: str) -> str:
+    experiment = use_tracking(cfg).get_run(run_id).info.experiment_id
+    return f"{ui_base(cfg)}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def version_link(cfg: Config, name: str, version: str) -> str:
+    return f"{ui_base(cfg)}/#/models/{name}/versions/{version}"
+
+
+def evaluation_run_of(client: MlflowClient, experiment_id: str, training_run_id: str) -> str | None:
+    """The latest evaluation run of ``training_run_id`` (None when it was never evaluated with tracking)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TRAINING_RUN_TAG}` = '{training_run_id}' and tags.`{STAGE_TAG}` = 'evaluate'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def is_store_uri(source: str) -> bool:

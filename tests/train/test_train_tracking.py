@@ -76,6 +76,20 @@ def test_a_run_records_params_tags_metrics_and_artifacts(tiny_project: Path, tmp
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert plots == {"plots/loss_per_task.png", "plots/gate_magnitude.png", "plots/grad_norm_per_group.png"}
     assert 0 < result.final_metrics["tracking/overhead_fraction"] < 1
+    curve = (tmp_path / "run" / "plots" / "loss_caption_train.csv").read_text().splitlines()
+    assert curve[0] == "step,loss" and len(curve) - 1 == tasks.count("caption")
+    trained = json.loads((tmp_path / "run" / "train-metrics.json").read_text())
+    assert trained["steps"] == TINY_STEPS
+    assert trained["caption_holdout_loss"] == result.final_metrics["holdout/caption"]
+    for group in ("visual", "language"):  # the share of the group's steps whose gradient was clipped
+        norms = [m.value for m in client.get_metric_history(result.run_id, f"grad_norm/{group}")]
+        clipped = sum(norm > cfg.training.grad_clip for norm in norms) / len(norms)
+        assert trained[f"{group}_clipped_fraction"] == pytest.approx(clipped)
+        assert run_metric(client, result.run_id, f"clipped_fraction/{group}") == pytest.approx(clipped)
+
+
+def run_metric(client: MlflowClient, run_id: str, key: str) -> float:
+    return client.get_run(run_id).data.metrics[key]
 
 
 def _mlflow_server(port: int, store: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -17,9 +17,9 @@ import typer
 
 from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, load_or_exit
 from llama_adapter_v2.environment import project_root
+from llama_adapter_v2.evaluate.report import HEADLINE_METRICS
 
 ENTRYPOINT = "flows/pipeline.py:pipeline"
-HEADLINE_METRICS = ("caption_cider", "caption_bleu_4", "instruction_rouge_l", "instruction_exact_match")
 
 
 def summary_lines(summary: dict[str, Any], wall_seconds: float) -> list[str]:

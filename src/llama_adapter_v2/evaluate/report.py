@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+# The figures a person reads first after a run (the gate's metric goes before them).
+HEADLINE_METRICS = (
+    "grounded_accuracy", "grounded_accuracy_blind", "caption_cider", "caption_bleu_4",
+    "instruction_rouge_l", "instruction_exact_match",
+)
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
@@ -21,3 +28,34 @@ def metrics_table(metrics: Mapping[str, float]) -> str:
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
     return "\n".join(lines) + "\n"
+
+
+def against_baseline(
+    metrics: Mapping[str, float], baseline: Mapping[str, float], names: Sequence[str]
+) -> str:
+    """The named metrics of a model beside the zero-init baseline's, as a markdown table."""
+    lines = ["| metric | this model | zero-init baseline | change |", "|---|---|---|---|"]
+    for name in names:
+        if name in metrics:
+            before = baseline.get(name)
+            change = "" if before is None else f"{metrics[name] - before:+.4f}"
+            shown = "" if before is None else f"{before:.4f}"
+            lines.append(f"| {name} | {metrics[name]:.4f} | {shown} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_report(*, validation: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, float],
+                    baseline: Mapping[str, float], names: Sequence[str], decision: Mapping[str, Any],
+                    version: Mapping[str, str], data_hash: str, run_link: str) -> str:
+    """One pipeline run in markdown: what was validated, how the model scored, what the gate decided."""
+    counts = ["| kind | input | clean | quarantined | duplicates |", "|---|---|---|---|---|"]
+    counts += [f"| {kind} | {v.get('input', 0)} | {v.get('clean', 0)} | {v.get('quarantined', 0)} | "
+               f"{v.get('duplicates', 0)} |" for kind, v in sorted(validation.items())]
+    return "\n".join([
+        f"# {version['name']} version {version['version']}: {decision['outcome']}",
+        "", f"**Promotion.** {decision['reason']}", "",
+        f"Data `{data_hash}`; training run: [{run_link}]({run_link})", "",
+        "## Data validation", "", *counts, "",
+        "## Held-out scores against the zero-init baseline", "",
+        against_baseline(metrics, baseline, names),
+    ])

@@ -36,7 +36,7 @@ from llama_adapter_v2.train.distributed import (
     reshard,
     shutdown,
 )
-from llama_adapter_v2.train.plots import draw_all
+from llama_adapter_v2.train.plots import draw_all, write_curves
 from llama_adapter_v2.train.resume import checkpoint_to_resume, restore, training_state
 from llama_adapter_v2.train.schedule import TASKS
 from llama_adapter_v2.train.step import train_step
@@ -190,6 +190,30 @@ def run_steps(trainer: Trainer, tracker: Tracker) -> None:
             progress.update(bar, completed=step, info=info)
 
 
+def clipped_fractions(grad_norms: list[Any], grad_clip: float | None) -> dict[str, float]:
+    """Per group, the share of its steps whose gradient norm was above ``grad_clip`` (so was clipped):
+    near 1, every step is clipped and the learning rate is not what it says."""
+    if grad_clip is None:
+        return {}
+    norms: dict[str, list[float]] = {}
+    for _, group, norm in grad_norms:
+        norms.setdefault(group, []).append(norm)
+    return {f"clipped_fraction/{group}": sum(n > grad_clip for n in values) / len(values)
+            for group, values in sorted(norms.items())}
+
+
+def write_train_metrics(final: dict[str, float], steps: int, path: Path) -> None:
+    """The train stage's DVC metrics, flat and named like the evaluation's (``<task>_holdout_loss``)."""
+    metrics: dict[str, float] = {"steps": steps}
+    for key, value in final.items():
+        kind, _, name = key.partition("/")
+        if kind in ("holdout", "holdout_initial") and name:
+            metrics[f"{name}_holdout_loss" + ("_step0" if kind == "holdout_initial" else "")] = value
+        elif kind == "clipped_fraction":
+            metrics[f"{name}_clipped_fraction"] = value
+    path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n", encoding="utf-8")
+
+
 def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResult:
     """Final adapter, plots, resolved config and parameter report; uploaded as run artifacts."""
     out = trainer.training.output_dir
@@ -200,13 +224,17 @@ def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResul
     # wall time per step on the training thread, tracking calls included (0 steps: resumed at the end)
     busy = trainer.step_seconds + tracker.seconds_spent
     final["train/seconds_per_step"] = busy / max(trainer.steps_run, 1)
+    final |= clipped_fractions(trainer.history["grad_norm"], trainer.training.grad_clip)
     adapter = trainer.model.adapter_state_dict()  # every rank: under FSDP gathering is a collective
     if trainer.ctx.is_main:
         save_adapter(trainer.model, adapter_dir, adapter)
         (out / "config.yaml").write_text(yaml.safe_dump(trainer.cfg.model_dump(mode="json"), sort_keys=False))
         (out / "parameters.json").write_text(json.dumps(parameter_report(trainer.model), indent=2) + "\n")
         plots = draw_all(trainer.history, out / "plots")
-        tracker.log_step(trainer.step, {"tracking/overhead_fraction": final["tracking/overhead_fraction"]})
+        write_curves(trainer.history, out / "plots")
+        write_train_metrics(final, trainer.step, out / "train-metrics.json")
+        tracker.log_step(trainer.step, {key: value for key, value in final.items()
+                                        if key.startswith(("tracking/overhead", "clipped_fraction/"))})
         for path in (out / "config.yaml", out / "parameters.json"):
             tracker.log_artifact(path)
         for path in plots:

@@ -1,11 +1,14 @@
 """Training plots for the MLflow run: loss per task, gate magnitude heatmap, gradient norms.
 
 Drawn with matplotlib's Agg backend (no display) from the run's history, which checkpoints
-carry, so a resumed run still plots its whole curve.
+carry, so a resumed run still plots its whole curve. The same curves are written as CSV data
+(``write_curves``), which ``dvc.yaml`` declares as plots: ``dvc plots diff`` overlays them across
+revisions, which it cannot do with pictures.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +74,26 @@ def draw_all(history: dict[str, list[Any]], folder: Path) -> list[Path]:
         plot_gate_heatmap(history, folder / "gate_magnitude.png"),
         plot_grad_norms(history, folder / "grad_norm_per_group.png"),
     ]
+
+
+def _write_csv(path: Path, column: str, points: list[tuple[int, float]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", column])
+        writer.writerows((int(step), f"{float(value):.6g}") for step, value in points)
+    return path
+
+
+def write_curves(history: dict[str, list[Any]], folder: Path) -> list[Path]:
+    """One CSV per curve (step, value): loss per task on training and held-out data, gradient
+    norm per parameter group."""
+    written = []
+    for task in ("caption", "instruction"):
+        for split, key in (("train", "loss"), ("holdout", "holdout")):
+            points = [(step, value) for step, name, value in history[key] if name == task]
+            written.append(_write_csv(folder / f"loss_{task}_{split}.csv", "loss", points))
+    for group in ("visual", "language"):
+        points = [(step, value) for step, name, value in history["grad_norm"] if name == group]
+        written.append(_write_csv(folder / f"grad_norm_{group}.csv", "grad_norm", points))
+    return written
