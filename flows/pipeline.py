@@ -187,9 +187,10 @@ def validate_task(config_path: str, overrides: list[str], cache_key: str | None)
     summary = validate(load(config_path, overrides), project_root())
     for kind, counts in sorted(summary.items()):
         if isinstance(counts, dict) and "input" in counts:
+            duplicates = counts.get("duplicates", 0)
             get_run_logger().info("%s: %d records in, %d clean, %d quarantined, %d duplicates", kind,
                                   counts["input"], counts.get("clean", 0), counts.get("quarantined", 0),
-                                  counts.get("duplicates", 0))
+                                  duplicates["count"] if isinstance(duplicates, dict) else duplicates)
     return summary
 
 
@@ -329,7 +330,7 @@ def evaluate_flow(config_path: str, *, adapter_dir: str, run_id: str | None = No
     overrides = overrides or []
     cfg = load(config_path, overrides)
     key = stage_key("evaluate", cfg, data_hash)
-    present = (cfg.training.output_dir / "eval" / "metrics.json").is_file()
+    present = (eval_dir(cfg) / "metrics.json").is_file()
     evaluate_cached = _cached(TASK_OF_STAGE["evaluate"], key, present)
     return evaluate_cached(config_path, overrides, adapter_dir, run_id, cache_key=key)
 
@@ -399,7 +400,7 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
     summary = {"config_path": config_path, "overrides": overrides, "data_hash": data_version,
                "tracking_uri": tracking_uri(cfg),
                "train": trained, "metrics": metrics, "version": version, "promotion": decision,
-               "metrics_file": str(cfg.training.output_dir / "eval" / "metrics.json")}
+               "metrics_file": str(eval_dir(cfg) / "metrics.json")}
     out = project_root() / "artifacts" / "pipeline" / "last-run.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")

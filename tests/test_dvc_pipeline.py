@@ -89,6 +89,9 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_a_parameter_touches(
     promotion = registry["promotion"]
     assert promotion["baseline_value"] == baseline[promotion["metric"]]
     assert promotion["outcome"] in {"promoted", "refused"}
+    numbers = (f"{promotion['metric']} {promotion['challenger_value']:.4g}",
+               f"{promotion['baseline_value']:.4g}")
+    assert all(number in promotion["reason"] for number in numbers), promotion["reason"]
     assert "zero-init baseline" in promotion["reason"]
     metrics = json.loads(_run(project, env, dvc, "metrics", "show", "--json"))
     shown = metrics[""]["data"]["artifacts/train/demo/eval/metrics.json"]["data"]

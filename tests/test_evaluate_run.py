@@ -188,6 +188,21 @@ def test_scores_go_to_a_child_run_and_registering_leaves_the_training_run_as_it_
         evaluation]  # one logged model, in the evaluation run
 
 
+def test_the_zero_init_baseline_is_a_run_of_its_own_never_taken_for_a_model_evaluation(
+    tiny_run: dict[str, Any],
+) -> None:
+    cfg, run_id = tiny_run["cfg"], tiny_run["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    options = EvalOptions(caption_tokens=4, instruction_tokens=4, run_id=run_id, max_images=2,
+                          max_instructions=2, phrasings=("Describe this image.",))
+    evaluate(cfg, None, options)  # even handed the training run's id
+    assert (cfg.training.output_dir / "eval-zero-init" / "metrics.json").is_file()
+    [baseline] = client.search_runs([ensure_experiment(cfg)], filter_string="tags.`lav2.stage` = 'baseline'")
+    assert "mlflow.parentRunId" not in baseline.data.tags
+    assert baseline.info.run_name.startswith("baseline-zero-init-")
+    assert evaluation_run_of(client, ensure_experiment(cfg), run_id) != baseline.info.run_id
+
+
 def test_cli_generate_and_chat_on_an_adapter_folder(tiny_run: dict[str, Any]) -> None:
     model, tokenizer = tiny_run["model"], load_tokenizer(tiny_run["cfg"])
     image_path = tiny_run["root"] / "blue.png"

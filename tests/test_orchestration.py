@@ -139,7 +139,9 @@ def test_pipeline_deployment_completes_with_run_and_version(
     assert float(version.tags["metric.caption_cider"]) == pytest.approx(summary["metrics"]["caption_cider"])
     champion = client.get_model_version_by_alias("llama-adapter-v2-demo", "champion")
     assert champion.version == version.version  # the first evaluated version becomes champion
-    assert version.tags["evaluation_run_id"] != run.info.run_id  # scores live in a child run
+    evaluation = client.get_run(version.tags["evaluation_run_id"])  # the scores live in a child run
+    assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert evaluation.data.metrics["eval/caption_cider"] == pytest.approx(summary["metrics"]["caption_cider"])
 
     artifacts = _api(f"{prefect_api}/artifacts/filter",
                      {"artifacts": {"flow_run_id": {"any_": [deployment_run["id"]]}}})

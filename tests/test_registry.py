@@ -39,8 +39,7 @@ BASELINE = {"caption_cider": 0.125, "instruction_exact_match": 0.0}
 
 def _new_version(cfg: Config, adapter_dir: Path, metrics: dict[str, float] | None,
                  baseline: dict[str, float] | None = BASELINE) -> str:
-    mlflow.set_experiment(experiment_id=ensure_experiment(cfg))
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=ensure_experiment(cfg)) as run:  # stands in for a training run
         pass
     return register(cfg, run.info.run_id, adapter_dir, with_baseline(metrics, baseline)).version
 
@@ -76,8 +75,12 @@ def test_version_records_provenance_and_metrics(
     assert len(found.tags["config_digest"]) == 16
     assert found.tags["base_path"] == str(store_cfg.model.base.path)
     assert found.source.startswith("models:/m-")  # the logged pyfunc, not a bare artifact folder
-    model_files = Path(client.download_artifacts(found.run_id, "", dst_path=str(adapter_dir.parent)))
-    assert model_files.exists()
+    model_files = Path(mlflow.artifacts.download_artifacts(found.source,
+                                                           dst_path=str(adapter_dir.parent / "model")))
+    assert (model_files / "MLmodel").is_file()
+    # never evaluated with tracking, so logged in no run, but in the project's experiment
+    logged = client.get_logged_model(found.source.removeprefix("models:/"))
+    assert logged.experiment_id == ensure_experiment(store_cfg)
     # one artifact rule for training, evaluation and the registry: <artifact_root>/<experiment>
     experiment = client.get_experiment_by_name(store_cfg.tracking.experiment)
     root = store_cfg.tracking.artifact_root
@@ -206,3 +209,24 @@ def test_a_failed_evaluation_names_the_metric_that_is_not_finite(
     decision = promote(cfg, failed)
     assert decision.outcome == "refused"
     assert decision.reason.startswith("evaluation is failed (caption_meteor not finite)")
+
+
+def test_an_unscored_champion_is_replaced_and_a_guard_it_lacks_is_held_against_the_baseline(
+    store_cfg: Config, adapter_dir: Path
+) -> None:
+    cfg = _gated(store_cfg, "unscored", margin=0.0, guards={"instruction_exact_match": 0.05})
+    broken = _new_version(cfg, adapter_dir, {"caption_cider": 0.5}, {"caption_cider": 0.125})
+    use_tracking(cfg).set_registered_model_alias(cfg.tracking.registered_model, "champion", broken)
+    use_tracking(cfg).set_model_version_tag(cfg.tracking.registered_model, broken,
+                                            "metric.caption_cider", "nan")
+    forgets = _new_version(cfg, adapter_dir, {"caption_cider": 0.25, "instruction_exact_match": 0.0},
+                           {"caption_cider": 0.125, "instruction_exact_match": 0.25})
+    decision = promote(cfg, forgets)  # the champion has no such guard: the baseline's 0.25 is the bar
+    assert decision.outcome == "kept"
+    assert decision.reason.endswith("guard instruction_exact_match 0 fell 0.25 below the zero-init "
+                                    "baseline's 0.25 (tolerance 0.05)")
+    better = _new_version(cfg, adapter_dir, {"caption_cider": 0.25, "instruction_exact_match": 0.25},
+                          {"caption_cider": 0.125, "instruction_exact_match": 0.25})
+    decision = promote(cfg, better)
+    assert decision.outcome == "promoted"
+    assert f"@champion version {broken} has no finite caption_cider to compare" in decision.reason

@@ -47,14 +47,16 @@ def eval_dir(cfg: Config, zero_init: bool = False) -> Path:
 
 
 def log_to_mlflow(cfg: Config, metrics: dict[str, float], out: Path, training_run_id: str | None,
-                  run_name: str | None = None) -> str:
+                  stage: str = "evaluate") -> str:
     """Metrics and the eval folder as artifacts, in a run of their own: a child of the training run
-    when there is one (MLflow nests it there), so evaluating never changes the training run."""
+    when there is one (MLflow nests it there), so evaluating never changes the training run. The
+    zero-init baseline (``stage="baseline"``) belongs to no training run."""
     experiment_id = ensure_experiment(cfg)
-    tags = {STAGE_TAG: "evaluate", "mlflow.source.name": "lav2 evaluate"}
-    if training_run_id:
+    tags = {STAGE_TAG: stage, "mlflow.source.name": "lav2 evaluate"}
+    if training_run_id and stage == "evaluate":
         tags |= {"mlflow.parentRunId": training_run_id, TRAINING_RUN_TAG: training_run_id}
-    name = run_name or f"evaluate-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    prefix = "baseline-zero-init" if stage == "baseline" else "evaluate"
+    name = f"{prefix}-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         mlflow.log_metrics({f"eval/{name}": value for name, value in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="eval")
@@ -85,6 +87,5 @@ def evaluate(
     write_json_atomic(out / "metrics.json", metrics)
     (out / "metrics.md").write_text(metrics_table(metrics), encoding="utf-8")
     if options.log_to_mlflow and cfg.tracking.enabled:
-        baseline_name = f"baseline-zero-init-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        log_to_mlflow(cfg, metrics, out, options.run_id, run_name=None if adapter_dir else baseline_name)
+        log_to_mlflow(cfg, metrics, out, options.run_id, stage="evaluate" if adapter_dir else "baseline")
     return metrics

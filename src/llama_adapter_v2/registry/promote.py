@@ -95,14 +95,18 @@ def _champion(client: Any, name: str, alias: str) -> Any | None:
 
 def _fallen_guards(rule: PromotionConfig, tags: dict[str, str], reference: dict[str, str],
                    reference_name: str, prefix: str) -> list[str]:
-    """The guard metrics that fell below the reference by more than their tolerance, as sentences."""
+    """The guard metrics that fell below the reference by more than their tolerance, as sentences.
+    A guard the reference never scored is held against the challenger's own baseline instead."""
     fallen = []
     for metric, tolerance in sorted(rule.guards.items()):
-        value, before = _metric_of(tags, metric), _metric_of(reference, prefix + metric)
+        value = _metric_of(tags, metric)
+        name, before = reference_name, _metric_of(reference, prefix + metric)
+        if before is None:
+            name, before = "the zero-init baseline", _metric_of(tags, BASELINE_PREFIX + metric)
         if value is None or not math.isfinite(value):
             fallen.append(f"guard {metric} is {value}")
         elif before is not None and before - value > tolerance:
-            fallen.append(f"guard {metric} {value:.4g} fell {before - value:.4g} below {reference_name}'s "
+            fallen.append(f"guard {metric} {value:.4g} fell {before - value:.4g} below {name}'s "
                           f"{before:.4g} (tolerance {tolerance:g})")
     return fallen
 
@@ -124,6 +128,8 @@ def decide(cfg: Config, version: str) -> PromotionDecision:
     champion = _champion(client, name, rule.alias)
     common["champion_version"] = None if champion is None else str(champion.version)
     common["champion_value"] = None if champion is None else _metric_of(champion.tags, rule.metric)
+    if common["champion_value"] is not None and not math.isfinite(common["champion_value"]):
+        common["champion_value"] = None  # a NaN champion could never be beaten; it counts as unscored
     return _judge(rule, challenger.tags, champion, common)
 
 
@@ -153,11 +159,14 @@ def _judge(rule: PromotionConfig, tags: dict[str, str], champion: Any | None,
     gated_by_baseline = rule.beat_baseline and baseline is not None
     beaten = [f"the zero-init baseline's {baseline:.4g}"] if gated_by_baseline else []
     beaten += [] if champion_value is None else [f"{champion_name}'s {champion_value:.4g}"]
+    unscored = "" if champion is None or champion_value is not None else (
+        f"; {champion_name} has no finite {rule.metric} to compare")
     direction = "higher" if rule.greater_is_better else "lower"
     against = " and ".join(beaten) if beaten else "nothing to compare"
     first = "" if champion is not None else f"; no @{rule.alias} yet"
     guards = f"; guards held: {', '.join(sorted(rule.guards))}" if rule.guards else ""
-    reason = f"{head} beats {against} by more than {rule.margin:g} ({direction} is better){first}{guards}"
+    reason = (f"{head} beats {against} by more than {rule.margin:g} ({direction} is better)"
+              f"{first}{unscored}{guards}")
     return PromotionDecision("promoted", reason=reason, **common)
 
 

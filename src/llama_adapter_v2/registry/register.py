@@ -133,8 +133,11 @@ def register(
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} not found: train first")
     client = use_tracking(cfg)
-    evaluation_run = evaluation_run_of(client, ensure_experiment(cfg), run_id)
-    # the model goes to the evaluation run (or none): the training run stays as training left it
+    experiment_id = ensure_experiment(cfg)
+    evaluation_run = evaluation_run_of(client, experiment_id, run_id)
+    # the model goes to the evaluation run (or, unevaluated, to no run of the project's experiment):
+    # the training run stays as training left it
+    mlflow.set_experiment(experiment_id=experiment_id)
     in_run = mlflow.start_run(run_id=evaluation_run) if evaluation_run else contextlib.nullcontext()
     with in_run, warnings.catch_warnings():
         # the signature is explicit; an input example would make MLflow load and run the model here
