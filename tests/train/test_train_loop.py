@@ -99,7 +99,9 @@ def test_pinned_loss_curve_of_the_tiny_config(tiny_project: Path, tmp_path: Path
     assert sorted(p.name for p in result.checkpoint_dir.iterdir()) == ["best", "step-0000008", "step-0000012"]
     assert (result.adapter_dir / "adapter.json").is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "plots").iterdir()) == [
-        "gate_magnitude.png", "grad_norm_per_group.png", "loss_per_task.png"]
+        "gate_magnitude.png", "grad_norm_language.csv", "grad_norm_per_group.png", "grad_norm_visual.csv",
+        "loss_caption_holdout.csv", "loss_caption_train.csv", "loss_instruction_holdout.csv",
+        "loss_instruction_train.csv", "loss_per_task.png"]
     report = json.loads((tmp_path / "run" / "parameters.json").read_text())
     groups = report["groups"]
     assert report["trainable"] == groups["visual"]["parameters"] + groups["language"]["parameters"] > 0
