@@ -167,7 +167,8 @@ def test_a_version_that_does_not_beat_the_zero_init_baseline_is_refused_even_fir
     decision = promote(cfg, no_baseline)
     assert decision.outcome == "refused"
     assert decision.reason.startswith("no zero-init baseline for caption_cider")
-    better = _new_version(cfg, adapter_dir, {"caption_cider": 0.3}, {"caption_cider": 0.278})
+    better = _new_version(cfg, adapter_dir, {"caption_cider": 0.3},
+                          {"caption_cider": 0.278, "caption_meteor": 0.1})  # METEOR: not the gate's
     decision = promote(cfg, better)
     assert decision.outcome == "promoted"
     assert decision.reason == (f"version {better} caption_cider 0.3 beats the zero-init baseline's 0.278 by "
@@ -175,6 +176,8 @@ def test_a_version_that_does_not_beat_the_zero_init_baseline_is_refused_even_fir
     tags = use_tracking(cfg).get_model_version(cfg.tracking.registered_model, better).tags
     assert tags["promotion.baseline_value"] == "0.278"
     assert tags["metric.baseline_caption_cider"] == "0.278"
+    baseline_tags = [key for key in tags if key.startswith("metric.baseline_")]
+    assert baseline_tags == ["metric.baseline_caption_cider"]  # of the baseline, only what the gate reads
     assert tags["evaluation"] == "passed"
 
 

@@ -120,7 +120,10 @@ def version_tags(cfg: Config, metrics: dict[str, float] | None) -> dict[str, str
         TAG_EVALUATION: evaluation_status(metrics),
         **model_identity(cfg),
     }
-    tags.update({f"{METRIC_TAG_PREFIX}{key}": repr(float(value)) for key, value in (metrics or {}).items()})
+    gated = {cfg.tracking.promotion.metric, *cfg.tracking.promotion.guards}
+    kept = {key: value for key, value in (metrics or {}).items()  # of the baseline, what the gate reads
+            if not key.startswith(BASELINE_PREFIX) or key.removeprefix(BASELINE_PREFIX) in gated}
+    tags.update({f"{METRIC_TAG_PREFIX}{key}": repr(float(value)) for key, value in kept.items()})
     return tags
 
 
