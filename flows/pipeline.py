@@ -47,7 +47,7 @@ import llama_adapter_v2  # noqa: F401 - applies the offline environment first
 from llama_adapter_v2.config import Config, load_config
 from llama_adapter_v2.data.demo import generate_demo
 from llama_adapter_v2.data.paths import DataPaths
-from llama_adapter_v2.data.pipeline import prepare, shard, validate
+from llama_adapter_v2.data.pipeline import prepare, shard, validate, validation_metrics
 from llama_adapter_v2.environment import project_root
 from llama_adapter_v2.evaluate.report import HEADLINE_METRICS, pipeline_report
 from llama_adapter_v2.evaluate.run import EvalOptions, eval_dir, evaluate
@@ -185,12 +185,9 @@ def prepare_task(config_path: str, overrides: list[str], cache_key: str | None) 
 @task(name="validate", **IO_RETRIES, **task_options)
 def validate_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
     summary = validate(load(config_path, overrides), project_root())
-    for kind, counts in sorted(summary.items()):
-        if isinstance(counts, dict) and "input" in counts:
-            duplicates = counts.get("duplicates", 0)
-            get_run_logger().info("%s: %d records in, %d clean, %d quarantined, %d duplicates", kind,
-                                  counts["input"], counts.get("clean", 0), counts.get("quarantined", 0),
-                                  duplicates["count"] if isinstance(duplicates, dict) else duplicates)
+    for kind, counts in validation_metrics(summary).items():
+        get_run_logger().info("%s: %d records in, %d clean, %d quarantined, %d duplicates", kind,
+                              counts["input"], counts["clean"], counts["quarantined"], counts["duplicates"])
     return summary
 
 

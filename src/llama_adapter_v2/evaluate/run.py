@@ -56,8 +56,8 @@ def log_to_mlflow(cfg: Config, metrics: dict[str, float], out: Path, training_ru
     if training_run_id and stage == "evaluate":
         tags |= {"mlflow.parentRunId": training_run_id, TRAINING_RUN_TAG: training_run_id}
     prefix = "baseline-zero-init" if stage == "baseline" else "evaluate"
-    name = f"{prefix}-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+    run_name = f"{prefix}-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         mlflow.log_metrics({f"eval/{name}": value for name, value in metrics.items()})
         mlflow.log_artifacts(str(out), artifact_path="eval")
         return run.info.run_id

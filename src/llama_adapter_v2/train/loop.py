@@ -121,26 +121,27 @@ def open_tracking(cfg: Config, ctx: DistContext, trainer: Trainer) -> Tracker:
     if not resumed:
         root = project_root()
         identity = base_identity(trainer.model.base.config)
-        commit = git_commit(root)
+        commit, data_version = git_commit(root), data_hash(root)
         tracker.set_tags({
             # MLflow's own source fields (its UI shows them), then the project's
             "mlflow.source.git.commit": commit.removesuffix("-dirty"), "mlflow.source.type": "LOCAL",
-            "mlflow.source.name": "lav2 train", "git_commit": commit, "data_dvc_md5": data_hash(root),
+            "mlflow.source.name": "lav2 train", "git_commit": commit, "data_dvc_md5": data_version,
             "base_model": f"{identity['architecture']} {identity['config_sha256'][:12]}",
             "base_config_sha256": identity["config_sha256"], "base_path": str(cfg.model.base.path),
             "world_size": str(ctx.world_size),
         })
-        tracker.log_datasets(shard_datasets(cfg, data_hash(root)))
+        tracker.log_datasets(shard_datasets(cfg, data_version))
     return tracker
 
 
 def shard_datasets(cfg: Config, digest: str) -> list[dict[str, Any]]:
     """Each task's train and held-out shards as run inputs, sized from their shard indexes."""
     contexts = {"train": "training", "holdout": "evaluation"}
+    shards = DataPaths(cfg.data.work_dir).shards
     datasets = []
     for task in ("caption", "instruction"):
         for split, context in contexts.items():
-            folder = DataPaths(cfg.data.work_dir).shards / task / split
+            folder = shards / task / split
             if (folder / INDEX_FILE).is_file():
                 datasets.append({
                     "name": f"{cfg.name}-{task}-{split}", "digest": digest[:36], "context": context,
