@@ -184,7 +184,7 @@ def prepare_task(config_path: str, overrides: list[str], cache_key: str | None) 
 
 @task(name="validate", **IO_RETRIES, **task_options)
 def validate_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
-    summary = validate(load(config_path, overrides), project_root())
+    summary = validate(load(config_path, overrides), project_root(), data_hash(project_root()))
     for kind, counts in validation_metrics(summary).items():
         get_run_logger().info("%s: %d records in, %d clean, %d quarantined, %d duplicates", kind,
                               counts["input"], counts["clean"], counts["quarantined"], counts["duplicates"])
@@ -359,16 +359,27 @@ def promote_flow(config_path: str, version: str, overrides: list[str] | None = N
     return promote_task(config_path, overrides or [], version)
 
 
+def data_docs_link(cfg: Config) -> str | None:
+    """The validation's Data Docs index (``validate`` builds it; a cached run keeps the last one)."""
+    index = DataPaths(cfg.data.work_dir).data_docs / "index.html"
+    return (project_root() / index).resolve().as_uri() if (project_root() / index).is_file() else None
+
+
 def publish_report(cfg: Config, run_id: str, version: dict[str, str], decision: dict[str, Any], *,
                    metrics: dict[str, float], baseline: dict[str, float], data_version: str) -> None:
-    """The flow run's Artifacts tab: a markdown summary and links to the MLflow run and version."""
+    """The flow run's Artifacts tab: a markdown summary (the Data Docs linked) and links to the MLflow
+    run and version."""
     validation_file = DataPaths(cfg.data.work_dir).validation_metrics
     validation = json.loads(validation_file.read_text(encoding="utf-8")) if validation_file.is_file() else {}
     names = list(dict.fromkeys([decision["metric"], *cfg.tracking.promotion.guards, *HEADLINE_METRICS]))
-    training_page = run_link(cfg, run_id)
+    training_page, data_docs = run_link(cfg, run_id), data_docs_link(cfg)
     create_markdown_artifact(key="pipeline-summary", description="validation, scores, promotion", markdown=(
         pipeline_report(validation=validation, metrics=metrics, baseline=baseline, names=names,
-                        decision=decision, version=version, data_hash=data_version, run_link=training_page)))
+                        decision=decision, version=version, data_hash=data_version, run_link=training_page,
+                        data_docs=data_docs)))
+    if data_docs is not None:
+        create_link_artifact(key="data-docs", link=data_docs, link_text="great-expectations Data Docs",
+                             description="every expectation with its limits, failing ids, the data hash")
     create_link_artifact(key="mlflow-training-run", link=training_page, link_text=f"MLflow run {run_id}")
     version_page = version_link(cfg, version["name"], version["version"])
     create_link_artifact(key="mlflow-model-version", link=version_page,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from data_docs import page_text, validation_pages
 from PIL import Image
 
 from llama_adapter_v2.config import Config
@@ -208,10 +209,11 @@ def test_unlisted_unused_and_duplicate_records_are_listed_by_id(run: dict[str, A
     assert instructions["duplicates"] == {"count": 1, "ids": [{"id": "alpaca:4", "duplicate_of": "alpaca:0"}]}
     saved = json.loads((run["paths"].reports / "summary.json").read_text())
     assert saved["caption"]["images_without_captions"] == captions["images_without_captions"]
-    report = (run["paths"].reports / "report.html").read_text()
-    for text in ("images without captions: 1", "coco:7", "orphan captions: 1", "coco:10",
-                 "coco:11 (duplicate of coco:1)", "alpaca:4 (duplicate of alpaca:0)"):
-        assert text in report
+    pages = {suite: page_text(page) for suite, page in validation_pages(run["paths"].data_docs).items()}
+    for text in ("images_without_captions 1: coco:7 ", "orphan_captions 1: coco:10 ",
+                 "duplicates 1: coco:11 (duplicate of coco:1) "):
+        assert text in pages["captions"]
+    assert "duplicates 1: alpaca:4 (duplicate of alpaca:0) " in pages["instructions"]
 
 
 def test_validation_metrics_count_what_the_report_lists(run: dict[str, Any]) -> None:

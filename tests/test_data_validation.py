@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from data_docs import page_text, validation_pages
 from PIL import Image
 
 from llama_adapter_v2.config import Config
@@ -269,11 +271,13 @@ def stage_config(base: Config, root: Path, records: list[dict[str, Any]]) -> Con
 GOOD = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(19)]
 
 
-def test_stage_writes_clean_quarantine_and_reports(demo_data_config: Config, tmp_path: Path) -> None:
+def test_stage_writes_clean_quarantine_reports_and_data_docs(demo_data_config: Config,
+                                                             tmp_path: Path) -> None:
     cfg = stage_config(demo_data_config, tmp_path, [*GOOD, {"instruction": "Empty.", "output": ""}])
     cfg.data.validation.max_failure_fraction = 0.1
+    cfg.data.validation.max_tokens = 777
     pipeline.prepare(cfg, tmp_path)
-    summary = pipeline.validate(cfg, tmp_path)
+    summary = pipeline.validate(cfg, tmp_path, data_version="0123456789abcdef")
     paths = pipeline.DataPaths(cfg.data.work_dir)
     assert summary["instruction"]["input"] == 20
     assert (summary["instruction"]["clean"], summary["instruction"]["quarantined"]) == (19, 1)
@@ -281,13 +285,30 @@ def test_stage_writes_clean_quarantine_and_reports(demo_data_config: Config, tmp
     assert len(pipeline.read_jsonl(paths.jsonl(paths.validated, "instruction"))) == 19
     quarantined = pipeline.read_jsonl(paths.jsonl(paths.quarantine, "instruction"))
     assert [(q["id"], q["rules"][0]["rule"]) for q in quarantined] == [("a:19", "output not empty")]
-    report = (paths.reports / "report.html").read_text()
-    assert "a:19" in report and "output not empty" in report
-    assert "expect_column_values_to_match_regex" in report
     metrics = json.loads(paths.validation_metrics.read_text())
     assert metrics["instruction"] == {"input": 20, "clean": 19, "quarantined": 1, "failure_fraction": 0.05,
                                       "duplicates": 0, "by_rule": {"output not empty": 1}}
     assert pipeline.tracking_metrics(metrics)["data_instruction_rule_output_not_empty"] == 1.0
+
+    # great-expectations' Data Docs: every expectation with its limits, the failing id, the data
+    docs = paths.data_docs
+    assert summary["data_docs"] == "work/reports/data_docs/index.html"
+    pages = validation_pages(docs)
+    assert set(pages) == {"instructions"}  # no caption source: no caption suite ran
+    text = page_text(pages["instructions"])
+    suite = json.loads((SUITES / "instructions.json").read_text())
+    assert f"Evaluated Expectations {len(suite['expectations'])} " in text
+    assert "Unsuccessful Expectations 1 " in text
+    assert "less than or equal to 777.0" in text  # the limit as data.validation set it
+    # the failing record: its expectation, the unexpected count and its id (GX's unexpected index table)
+    assert re.search(r"match this regular expression: \\S \. 1 unexpected values found\. "
+                     r"5% of 20 total rows\. Unexpected Value Count row id EMPTY 1 19 a:19 ", text), text
+    assert "data_dvc_md5 0123456789abcdef " in text
+    assert f"prepared_sha256 {summary['instruction']['prepared_sha256']} " in text
+    assert f"validated_at {summary['validated_at']} " in text
+    assert "records 20 in, 19 clean, 1 quarantined" in text
+    rules = page_text(docs / "expectations" / "instructions.html")
+    assert all(f"rule: {e['meta']['rule']}" in rules for e in suite["expectations"])
 
 
 def test_stage_stops_above_the_failure_fraction(demo_data_config: Config, tmp_path: Path) -> None:
@@ -295,10 +316,12 @@ def test_stage_stops_above_the_failure_fraction(demo_data_config: Config, tmp_pa
     cfg.data.validation.max_failure_fraction = 0.1
     pipeline.prepare(cfg, tmp_path)
     expected = (r"instruction validation stopped: 2 of 10 records failed \(20\.00%, above "
-                r"max_failure_fraction 10\.00%\); clean 8, quarantined 2 .*report: work/reports/report\.html")
+                r"max_failure_fraction 10\.00%\); clean 8, quarantined 2 .*"
+                r"Data Docs: work/reports/data_docs/index\.html")
     with pytest.raises(ValidationStoppedError, match=expected):
         pipeline.validate(cfg, tmp_path)
     assert (tmp_path / "work/reports/summary.json").is_file()
+    assert (tmp_path / "work/reports/data_docs/index.html").is_file()
 
 
 def test_on_failure_stop_stops_at_the_first_failure(demo_data_config: Config, tmp_path: Path) -> None:

@@ -146,7 +146,7 @@ def test_pipeline_deployment_completes_with_run_and_version(
     artifacts = _api(f"{prefect_api}/artifacts/filter",
                      {"artifacts": {"flow_run_id": {"any_": [deployment_run["id"]]}}})
     by_key = {artifact["key"]: artifact for artifact in artifacts}
-    assert {"pipeline-summary", "mlflow-training-run", "mlflow-model-version"} <= by_key.keys()
+    assert {"pipeline-summary", "mlflow-training-run", "mlflow-model-version", "data-docs"} <= by_key.keys()
     report = by_key["pipeline-summary"]["data"]
     assert f"llama-adapter-v2-demo version {version.version}: promoted" in report
     assert "| caption_cider |" in report and "zero-init baseline" in report
@@ -154,6 +154,12 @@ def test_pipeline_deployment_completes_with_run_and_version(
     assert f"/runs/{run.info.run_id})" in by_key["mlflow-training-run"]["data"]
     version_page = f"/models/llama-adapter-v2-demo/versions/{version.version})"
     assert version_page in by_key["mlflow-model-version"]["data"]
+    # the validation's Data Docs: linked from the flow run and kept with the training run
+    docs = project.root / "artifacts" / "data" / "reports" / "data_docs"
+    assert f"({(docs / 'index.html').as_uri()})" in by_key["data-docs"]["data"]
+    assert (docs / "index.html").as_uri() in report
+    logged = {item.path for item in client.list_artifacts(run.info.run_id, "data_docs")}
+    assert {"data_docs/index.html", "data_docs/validations", "data_docs/expectations"} <= logged
 
 
 def _as_it_was(run: Any) -> tuple[Any, ...]:

@@ -39,15 +39,17 @@ def prepare(config: ConfigFile, overrides: Overrides = None) -> None:
 def validate(config: ConfigFile, overrides: Overrides = None) -> None:
     """Run the great-expectations suites; clean records go on, failing ones to the quarantine."""
     from llama_adapter_v2.data import pipeline, validation  # noqa: PLC0415 - lazy: CLI starts without torch
+    from llama_adapter_v2.store import data_hash  # noqa: PLC0415 - lazy: CLI starts without MLflow
 
     cfg = load_or_exit(config, overrides)
+    root = project_root_of(config)
     with errors_exit(validation.ValidationStoppedError, code=1):
-        summary = pipeline.validate(cfg, project_root_of(config))
+        summary = pipeline.validate(cfg, root, data_hash(root))
     for kind in pipeline.KINDS:
         counts = summary[kind]
         typer.echo(f"{kind}: {counts['input']} in, {counts['clean']} clean, "
                    f"{counts['quarantined']} quarantined")
-    typer.echo(f"report: {summary['report']}")
+    typer.echo(f"Data Docs: {summary['data_docs']}")
 
 
 @app.command("shard")

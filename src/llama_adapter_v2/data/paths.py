@@ -25,6 +25,7 @@ class DataPaths:
         self.validated = self.work_dir / "validated"
         self.quarantine = self.work_dir / "quarantine"
         self.reports = self.work_dir / "reports"
+        self.data_docs = self.reports / "data_docs"  # great-expectations' Data Docs site
         self.validation_metrics = self.work_dir / "validation-metrics.json"
         self.shards = self.work_dir / "shards"
         self.shard_metrics = self.work_dir / "shard-metrics.json"

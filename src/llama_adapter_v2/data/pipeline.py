@@ -1,23 +1,24 @@
 """The three data stages behind ``lav2 data prepare|validate|shard`` and ``dvc.yaml``.
 
 prepare  reads every configured source into one normalised JSONL per kind (problems noted);
-validate runs the GX suites, writes the clean records, the quarantine and the reports;
+validate runs the GX suites, writes the clean records, the quarantine, the summary and GX's Data Docs;
 shard    splits the clean records into train/holdout webdataset shards.
 Paths inside the written files are relative to the project root, so outputs do not depend on
 where the clone lives.
 
 Nothing goes unreported: every input record ends clean or quarantined (counted, and checked:
-``RecordCountError``), and what is not a record at all is listed by id in the summary, the HTML
-report and the metrics: listed images no caption uses, captions whose image is not listed (also
+``RecordCountError``), and what is not a record at all is listed by id in the summary, the Data
+Docs and the metrics: listed images no caption uses, captions whose image is not listed (also
 quarantined), and exact duplicates (also quarantined, the first copy kept).
 """
 
 from __future__ import annotations
 
-import html
+import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -30,6 +31,7 @@ from llama_adapter_v2.data.validation import (
     RecordCountError,
     TokenCounter,
     ValidationStoppedError,
+    build_data_docs,
     caption_rows,
     failures_of,
     instruction_rows,
@@ -135,17 +137,21 @@ def validate_kind(kind: Kind, raws: list[RawRecord], cfg: Config, counter: Any) 
     return {"clean": clean, "quarantine": quarantine, "failures": failures, "gx": result}
 
 
-def validate(cfg: Config, root: Path) -> dict[str, Any]:
-    """Validate the prepared records; write clean, quarantine, summary, HTML report and metrics.
+def validate(cfg: Config, root: Path, data_version: str | None = None) -> dict[str, Any]:
+    """Validate the prepared records; write clean, quarantine, summary, Data Docs and metrics.
 
+    ``data_version`` (the DVC hash of the data, from the caller: the data layer does not read DVC
+    files) is shown in the Data Docs beside the hash of the prepared records they judge.
     Raises ``ValidationStoppedError`` (after writing the reports) when a kind's failure fraction is
     above ``data.validation.max_failure_fraction``, or on any failure with ``on_failure: stop``.
     """
     paths = DataPaths(cfg.data.work_dir)
     limits = cfg.data.validation
     counter = TokenCounter(limits.tokenizer)
-    report = _relative(str(paths.reports / "report.html"), root)
-    summary: dict[str, Any] = {"token_counter": counter.description, "report": report}
+    validated_at = datetime.now(UTC)
+    data_docs = _relative(str(paths.data_docs / "index.html"), root)
+    summary: dict[str, Any] = {"token_counter": counter.description, "data_docs": data_docs,
+                               "data_version": data_version, "validated_at": validated_at.isoformat()}
     outcomes = {}
     for kind in KINDS:
         raws = [rooted(raw_from_dict(d), root) for d in read_jsonl(paths.jsonl(paths.prepared, kind))]
@@ -159,11 +165,14 @@ def validate(cfg: Config, root: Path) -> dict[str, Any]:
                 record["image_root"], root)
         write_jsonl(paths.jsonl(paths.quarantine, kind), outcome["quarantine"])
         summary[kind] = kind_summary(len(raws), outcome)
+        summary[kind]["prepared_sha256"] = _sha256(paths.jsonl(paths.prepared, kind))
     summary["caption"]["images_without_captions"] = listed(_read_json_list(paths.images_without_captions))
     paths.reports.mkdir(parents=True, exist_ok=True)
     summary_path = paths.reports / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (paths.reports / "report.html").write_text(render_report(summary, outcomes), encoding="utf-8")
+    build_data_docs({SUITE_OF[kind]: outcome["gx"] for kind, outcome in outcomes.items() if outcome["gx"]},
+                    paths.data_docs, run_name=f"data-{(data_version or 'untracked')[:12]}",
+                    validated_at=validated_at, markers=docs_markers(summary, paths))
     metrics_text = json.dumps(validation_metrics(summary), indent=2, sort_keys=True) + "\n"
     paths.validation_metrics.write_text(metrics_text, encoding="utf-8")
     for kind in KINDS:
@@ -176,9 +185,38 @@ def validate(cfg: Config, root: Path) -> dict[str, Any]:
                 f"{kind} validation stopped: {counts['quarantined']} of {counts['input']} records failed "
                 f"({counts['failure_fraction']:.2%}, {why}); clean {counts['clean']}, quarantined "
                 f"{counts['quarantined']} in {paths.jsonl(paths.quarantine, kind)}; "
-                f"report: {report}, summary: {summary_path}"
+                f"Data Docs: {data_docs}, summary: {summary_path}"
             )
     return summary
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+MAX_LISTED_IDS = 20
+
+
+def docs_markers(summary: dict[str, Any], paths: DataPaths) -> dict[str, dict[str, str]]:
+    """What each suite's Data Docs page shows beside GX's own batch markers: which data, how many
+    records went where, and what is no record at all (listed by id, the first ``MAX_LISTED_IDS``)."""
+    markers = {}
+    for kind in KINDS:
+        counts = summary[kind]
+        markers[SUITE_OF[kind]] = {
+            "data_dvc_md5": summary["data_version"] or "not given",
+            "prepared_sha256": counts["prepared_sha256"],
+            "validated_at": summary["validated_at"],
+            "records": f"{counts['input']} in, {counts['clean']} clean, {counts['quarantined']} quarantined "
+                       f"(in {paths.jsonl(paths.quarantine, kind).name})",
+        }
+        for key in LISTS[kind]:
+            ids = [e if isinstance(e, str) else f"{e['id']} (duplicate of {e['duplicate_of']})"
+                   for e in counts[key]["ids"]]
+            more = f" and {len(ids) - MAX_LISTED_IDS} more" if len(ids) > MAX_LISTED_IDS else ""
+            shown = ", ".join(ids[:MAX_LISTED_IDS]) or "none"
+            markers[SUITE_OF[kind]][key] = f"{len(ids)}: {shown}{more}"
+    return markers
 
 
 def _read_json_list(path: Path) -> list[str]:
@@ -240,41 +278,6 @@ def tracking_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             else:
                 flat[f"data_{kind}_{key}"] = float(value)
     return flat
-
-
-def render_report(summary: dict[str, Any], outcomes: dict[Kind, dict[str, Any]]) -> str:
-    """A self-contained HTML page of the GX results: every expectation, then every failing record."""
-    esc = html.escape
-    parts = ["<!doctype html><meta charset='utf-8'><title>lav2 data validation</title>",
-             "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "table{border-collapse:collapse}.bad{background:#fdd}</style>",
-             f"<h1>Data validation</h1><p>Token counter: {esc(summary['token_counter'])}</p>"]
-    for kind, outcome in outcomes.items():
-        counts = summary[kind]
-        parts.append(f"<h2>{kind}: {counts['input']} in, {counts['clean']} clean, "
-                     f"{counts['quarantined']} quarantined</h2>")
-        for key in LISTS[kind]:
-            entries = counts[key]["ids"]
-            shown = [e if isinstance(e, str) else f"{e['id']} (duplicate of {e['duplicate_of']})"
-                     for e in entries]
-            parts.append(f"<h3>{esc(key.replace('_', ' '))}: {len(entries)}</h3><p>"
-                         + (", ".join(esc(str(item)) for item in shown) or "none") + "</p>")
-        if outcome["gx"] is None:
-            continue
-        parts.append("<table><tr><th>rule</th><th>expectation</th><th>column</th><th>ok</th>"
-                     "<th>unexpected</th></tr>")
-        for result in outcome["gx"]["results"]:
-            config = result["expectation_config"]
-            bad = "" if result["success"] else " class='bad'"
-            parts.append(
-                f"<tr{bad}><td>{esc(config['meta'].get('rule', ''))}</td><td>{esc(config['type'])}</td>"
-                f"<td>{esc(str(config['kwargs'].get('column')))}</td><td>{result['success']}</td>"
-                f"<td>{result['result'].get('unexpected_count', 0)}</td></tr>")
-        parts.append("</table><h3>failing records</h3><table><tr><th>id</th><th>rule</th><th>value</th></tr>")
-        parts.extend(f"<tr><td>{esc(f['id'])}</td><td>{esc(f['rule'])}</td><td>{esc(repr(f['value']))}</td></tr>"
-                     for f in outcome["failures"])
-        parts.append("</table>")
-    return "\n".join(parts) + "\n"
 
 
 # --------------------------------------------------------------------------- shard

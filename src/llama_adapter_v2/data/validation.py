@@ -16,15 +16,24 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import great_expectations as gx
 import pandas as pd
+from great_expectations.core import ExpectationSuiteValidationResult
+from great_expectations.core.run_identifier import RunIdentifier
 from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.data_context.types.resource_identifiers import (
+    ExpectationSuiteIdentifier,
+    ValidationResultIdentifier,
+)
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer
 
@@ -266,8 +275,11 @@ def gx_context() -> Any:
 
 
 def load_suite(name: str) -> Any:
+    """A suite of ``data/suites``; each expectation's rule is also its GX note (Data Docs show notes)."""
     data = json.loads((SUITES / f"{name}.json").read_text(encoding="utf-8"))
-    return gx.ExpectationSuite(name=data["name"], expectations=data["expectations"], meta=data["meta"])
+    expectations = [{**e, "notes": f"rule: {e['meta']['rule']}"} if "rule" in e.get("meta", {}) else e
+                    for e in data["expectations"]]
+    return gx.ExpectationSuite(name=data["name"], expectations=expectations, meta=data["meta"])
 
 
 def run_suite(name: str, rows: list[dict[str, Any]], parameters: dict[str, Any]) -> dict[str, Any]:
@@ -311,3 +323,43 @@ def _short(value: Any, limit: int = 80) -> Any:
     if isinstance(value, str) and len(value) > limit:
         return value[: limit - 3] + "..."
     return value if isinstance(value, str | int | float | bool) or value is None else str(value)
+
+
+# --------------------------------------------------------------------------- data docs
+
+
+DOCS_SITE = "lav2"
+# tutorial animations of GX's site template that no page of the site shows (3.3 MB a build)
+UNUSED_STATIC = ("glossary_scroller.gif", "validation_failed_unexpected_values.gif")
+
+
+def build_data_docs(results: Mapping[str, dict[str, Any]], folder: Path, *, run_name: str,
+                    validated_at: datetime, markers: Mapping[str, Mapping[str, str]]) -> Path:
+    """great-expectations' own Data Docs of ``results`` (suite name -> ``run_suite``'s result) in
+    ``folder``, replacing what was there, so its index lists this validation only; returns the index.
+
+    A context of its own (no other validation of this process is rendered) with a filesystem site:
+    every expectation with its limits filled in, unexpected counts with example row ids, the
+    suites' rules as notes. ``markers`` (suite name -> facts such as the data hash) are shown as the
+    batch markers of that suite's page; ``run_name`` and ``validated_at`` as its run.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    context = gx.get_context(mode="ephemeral")
+    context.add_data_docs_site(DOCS_SITE, {
+        "class_name": "SiteBuilder", "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    run_id = RunIdentifier(run_name=run_name, run_time=validated_at)
+    for name, result in results.items():
+        context.suites.add(load_suite(name))
+        shown = ExpectationSuiteValidationResult(**{k: v for k, v in result.items() if k != "id"})
+        shown.meta = {**shown.meta, "run_id": run_id,
+                      "batch_markers": {**shown.meta.get("batch_markers", {}), **markers.get(name, {})}}
+        key = ValidationResultIdentifier(ExpectationSuiteIdentifier(name=name), run_id, batch_identifier=name)
+        context.validation_results_store.set(key, shown)
+    context.build_data_docs(site_names=[DOCS_SITE])
+    for unused in UNUSED_STATIC:
+        (folder / "static" / "images" / unused).unlink(missing_ok=True)
+    return folder / "index.html"

@@ -46,7 +46,8 @@ def against_baseline(
 
 def pipeline_report(*, validation: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, float],
                     baseline: Mapping[str, float], names: Sequence[str], decision: Mapping[str, Any],
-                    version: Mapping[str, str], data_hash: str, run_link: str) -> str:
+                    version: Mapping[str, str], data_hash: str, run_link: str,
+                    data_docs: str | None = None) -> str:
     """One pipeline run in markdown: what was validated, how the model scored, what the gate decided."""
     counts = ["| kind | input | clean | quarantined | duplicates |", "|---|---|---|---|---|"]
     counts += [f"| {kind} | {v.get('input', 0)} | {v.get('clean', 0)} | {v.get('quarantined', 0)} | "
@@ -56,6 +57,8 @@ def pipeline_report(*, validation: Mapping[str, Mapping[str, Any]], metrics: Map
         "", f"**Promotion.** {decision['reason']}", "",
         f"Data `{data_hash}`; training run: [{run_link}]({run_link})", "",
         "## Data validation", "", *counts, "",
+        *([f"great-expectations Data Docs: [{data_docs}]({data_docs}) (also the training run's "
+           "`data_docs` artifacts)", ""] if data_docs else []),
         "## Held-out scores against the zero-init baseline", "",
         against_baseline(metrics, baseline, names),
     ])

@@ -131,6 +131,9 @@ def open_tracking(cfg: Config, ctx: DistContext, trainer: Trainer) -> Tracker:
             "world_size": str(ctx.world_size),
         })
         tracker.log_datasets(shard_datasets(cfg, data_version))
+        data_docs = DataPaths(cfg.data.work_dir).data_docs
+        if (data_docs / "index.html").is_file():  # the validation of the data it trains on, as GX shows it
+            tracker.log_artifact(data_docs, "data_docs")
     return tracker
 
 
