@@ -47,7 +47,7 @@ import llama_adapter_v2  # noqa: F401 - applies the offline environment first
 from llama_adapter_v2.config import Config, load_config
 from llama_adapter_v2.data.demo import generate_demo
 from llama_adapter_v2.data.paths import DataPaths
-from llama_adapter_v2.data.pipeline import prepare, shard, validate, validation_metrics
+from llama_adapter_v2.data.pipeline import KINDS, prepare, shard, validate
 from llama_adapter_v2.environment import project_root
 from llama_adapter_v2.evaluate.report import HEADLINE_METRICS, pipeline_report
 from llama_adapter_v2.evaluate.run import EvalOptions, eval_dir, evaluate
@@ -185,9 +185,11 @@ def prepare_task(config_path: str, overrides: list[str], cache_key: str | None) 
 @task(name="validate", **IO_RETRIES, **task_options)
 def validate_task(config_path: str, overrides: list[str], cache_key: str | None) -> dict[str, Any]:
     summary = validate(load(config_path, overrides), project_root(), data_hash(project_root()))
-    for kind, counts in validation_metrics(summary).items():
+    for kind in KINDS:
+        counts = summary[kind]
         get_run_logger().info("%s: %d records in, %d clean, %d quarantined, %d duplicates", kind,
-                              counts["input"], counts["clean"], counts["quarantined"], counts["duplicates"])
+                              counts["input"], counts["clean"], counts["quarantined"],
+                              counts["duplicates"]["count"])
     return summary
 
 

@@ -13,11 +13,11 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
-def run(args: list[str], cwd: Path) -> str:
+def run(args: list[str], cwd: Path, stderr: bool = True) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
+    return done.stdout + (done.stderr if stderr else "")
 
 
 @pytest.mark.slow
@@ -34,10 +34,15 @@ def test_fresh_clone_regenerates_data_and_repro_is_then_a_no_op(repo_root: Path,
     for stage in ("prepare", "validate", "shard"):
         assert f"Running stage '{stage}'" in first
     counts = json.loads((clone / "artifacts/data/shard-metrics.json").read_text())
-    assert counts["caption"]["train"] + counts["caption"]["holdout"] == 1200
-    assert counts["instruction"]["train"] + counts["instruction"]["holdout"] == 1200 + 480
+    assert counts["caption_train_samples"] + counts["caption_holdout_samples"] == 1200
+    assert counts["instruction_train_samples"] + counts["instruction_holdout_samples"] == 1200 + 480
     validation = json.loads((clone / "artifacts/data/validation-metrics.json").read_text())
-    assert validation["caption"]["quarantined"] == validation["instruction"]["quarantined"] == 0
+    assert validation["caption_quarantined"] == validation["instruction_quarantined"] == 0
+    shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], clone, stderr=False))
+    for name in ("validation-metrics.json", "shard-metrics.json"):  # one flat naming scheme, as DVC shows it
+        metrics = shown[""]["data"][f"artifacts/data/{name}"]["data"]
+        assert metrics == json.loads((clone / "artifacts/data" / name).read_text())
+        assert all(isinstance(value, int | float) for value in metrics.values()), metrics
 
     second = run([str(BIN / "dvc"), "repro", "shard"], clone)
     assert "Running stage" not in second

@@ -150,6 +150,9 @@ def test_pipeline_deployment_completes_with_run_and_version(
     report = by_key["pipeline-summary"]["data"]
     assert f"llama-adapter-v2-demo version {version.version}: promoted" in report
     assert "| caption_cider |" in report and "zero-init baseline" in report
+    validation = json.loads((project.root / "artifacts/data/validation-metrics.json").read_text())
+    row = [validation[f"caption_{key}"] for key in ("input", "clean", "quarantined", "duplicates")]
+    assert "| caption | " + " | ".join(str(n) for n in row) + " |" in report
     # Prefect keeps a link artifact as its markdown, [text](link)
     assert f"/runs/{run.info.run_id})" in by_key["mlflow-training-run"]["data"]
     version_page = f"/models/llama-adapter-v2-demo/versions/{version.version})"

@@ -253,31 +253,31 @@ LISTS: dict[Kind, tuple[str, ...]] = {
 }
 
 
-def validation_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """``validation-metrics.json`` (DVC metrics): per kind the counts, the listed counts and failures
-    by rule; ``tracking_metrics`` flattens it for MLflow."""
-    metrics = {}
+COUNTS = ("input", "clean", "quarantined", "failure_fraction")
+
+
+def validation_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """``validation-metrics.json`` (DVC metrics), flat and named like the other stages' metrics: per
+    kind the counts (``caption_quarantined``), the listed counts (``caption_orphan_captions``) and the
+    failures by rule (``instruction_rule_not_an_exact_duplicate``); the rules that failed nothing are
+    absent."""
+    metrics: dict[str, float] = {}
     for kind in KINDS:
         counts = summary[kind]
-        metrics[kind] = {key: counts[key] for key in ("input", "clean", "quarantined", "failure_fraction")}
-        metrics[kind] |= {key: counts[key]["count"] for key in LISTS[kind]}
-        metrics[kind]["by_rule"] = counts["by_rule"]
-    return metrics
+        metrics |= {f"{kind}_{key}": counts[key] for key in COUNTS}
+        metrics |= {f"{kind}_{key}": counts[key]["count"] for key in LISTS[kind]}
+        metrics |= {f"{kind}_rule_{metric_name(rule)}": count for rule, count in counts["by_rule"].items()}
+    return dict(sorted(metrics.items()))
 
 
-def tracking_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """``validation-metrics.json`` as flat MLflow metric names, e.g. ``data_caption_orphan_captions``
-    and ``data_instruction_rule_not_an_exact_duplicate``."""
-    flat: dict[str, float] = {}
-    for kind, counts in metrics.items():
-        for key, value in counts.items():
-            if key == "by_rule":
-                for rule, count in value.items():
-                    name = "".join(ch if ch.isalnum() else "_" for ch in rule.lower())
-                    flat[f"data_{kind}_rule_{name}"] = float(count)
-            else:
-                flat[f"data_{kind}_{key}"] = float(value)
-    return flat
+def metric_name(rule: str) -> str:
+    """A rule as a metric name: lower case, every other character than a letter or digit ``_``."""
+    return "".join(ch if ch.isalnum() else "_" for ch in rule.lower())
+
+
+def tracking_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``validation-metrics.json`` as MLflow metrics, e.g. ``data_caption_orphan_captions``."""
+    return {f"data_{name}": float(value) for name, value in metrics.items()}
 
 
 # --------------------------------------------------------------------------- shard
@@ -298,5 +298,11 @@ def shard(cfg: Config, root: Path) -> dict[str, dict[str, int]]:
                                samples_per_shard=cfg.data.shards.samples_per_shard,
                                holdout_fraction=cfg.data.holdout_fraction)
         counts[kind] = {split: index.count for split, index in indexes.items()}
-    paths.shard_metrics.write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    paths.shard_metrics.write_text(json.dumps(shard_metrics(counts), indent=2, sort_keys=True) + "\n",
+                                   encoding="utf-8")
     return counts
+
+
+def shard_metrics(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """``shard-metrics.json`` (DVC metrics), flat like the other stages': ``caption_train_samples``."""
+    return {f"{kind}_{split}_samples": n for kind, splits in counts.items() for split, n in splits.items()}

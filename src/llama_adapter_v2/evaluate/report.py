@@ -6,7 +6,9 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from llama_adapter_v2.data.records import Kind
 
 # The figures a person reads first after a run (the gate's metric goes before them).
 HEADLINE_METRICS = (
@@ -44,14 +46,19 @@ def against_baseline(
     return "\n".join(lines) + "\n"
 
 
-def pipeline_report(*, validation: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, float],
+COUNTED = ("input", "clean", "quarantined", "duplicates")  # of validation-metrics.json, per kind
+
+
+def pipeline_report(*, validation: Mapping[str, float], metrics: Mapping[str, float],
                     baseline: Mapping[str, float], names: Sequence[str], decision: Mapping[str, Any],
                     version: Mapping[str, str], data_hash: str, run_link: str,
                     data_docs: str | None = None) -> str:
     """One pipeline run in markdown: what was validated, how the model scored, what the gate decided."""
     counts = ["| kind | input | clean | quarantined | duplicates |", "|---|---|---|---|---|"]
-    counts += [f"| {kind} | {v.get('input', 0)} | {v.get('clean', 0)} | {v.get('quarantined', 0)} | "
-               f"{v.get('duplicates', 0)} |" for kind, v in sorted(validation.items())]
+    for kind in get_args(Kind):
+        if f"{kind}_input" in validation:
+            cells = [kind, *(f"{validation.get(f'{kind}_{key}', 0):g}" for key in COUNTED)]
+            counts.append("| " + " | ".join(cells) + " |")
     return "\n".join([
         f"# {version['name']} version {version['version']}: {decision['outcome']}",
         "", f"**Promotion.** {decision['reason']}", "",
