@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from llama_adapter_v2.config import Config, load_config
+from llama_adapter_v2.config.schema import GuardConfig, PromotionConfig
 from llama_adapter_v2.registry import promote, register, with_baseline
 from llama_adapter_v2.registry.promote import beats
 from llama_adapter_v2.store import ensure_experiment, use_tracking
@@ -148,7 +149,8 @@ def _gated(cfg: Config, name: str, **promotion: object) -> Config:
     """The store's config with another registered model and promotion rule: a registry of its own."""
     tracking = cfg.tracking.model_copy(update={
         "registered_model": f"registry-test-{name}",
-        "promotion": cfg.tracking.promotion.model_copy(update=promotion),
+        # validated as a config file's would be (model_copy alone does not validate)
+        "promotion": PromotionConfig.model_validate({**cfg.tracking.promotion.model_dump(), **promotion}),
     })
     return cfg.model_copy(update={"tracking": tracking})
 
@@ -202,6 +204,39 @@ def test_a_guard_metric_that_falls_too_far_keeps_the_champion(store_cfg: Config,
     decision = promote(cfg, unguarded)
     assert decision.outcome == "kept"
     assert decision.reason.endswith("guard instruction_exact_match is None")
+
+
+def test_a_lower_is_better_guard_holds_against_a_rise_and_a_bare_tolerance_stays_higher_is_better(
+    store_cfg: Config, adapter_dir: Path
+) -> None:
+    guards = {"instruction_exact_match": 0.05,
+              "instruction_holdout_loss": {"tolerance": 0.25, "greater_is_better": False}}
+    cfg = _gated(store_cfg, "loss-guard", margin=0.0, guards=guards)
+    assert cfg.tracking.promotion.guards == {
+        "instruction_exact_match": GuardConfig(tolerance=0.05, greater_is_better=True),
+        "instruction_holdout_loss": GuardConfig(tolerance=0.25, greater_is_better=False)}
+    champion = _new_version(cfg, adapter_dir, {"caption_cider": 0.5, "instruction_exact_match": 0.25,
+                                               "instruction_holdout_loss": 2.0})
+    assert promote(cfg, champion).outcome == "promoted"
+    # a lower loss is no fall, however far it goes: only a rise is held against the guard
+    better_loss = _new_version(cfg, adapter_dir, {"caption_cider": 0.625, "instruction_exact_match": 0.25,
+                                                  "instruction_holdout_loss": 1.0})
+    decision = promote(cfg, better_loss)
+    assert decision.outcome == "promoted", decision.reason
+    assert decision.reason.endswith("guards held: instruction_exact_match, instruction_holdout_loss")
+    worse_loss = _new_version(cfg, adapter_dir, {"caption_cider": 0.75, "instruction_exact_match": 0.25,
+                                                 "instruction_holdout_loss": 1.5})
+    decision = promote(cfg, worse_loss)
+    assert decision.outcome == "kept"
+    assert decision.reason == (f"version {worse_loss} caption_cider 0.75 beats the gate, but guard "
+                               "instruction_holdout_loss 1.5 rose 0.5 above "
+                               f"@champion version {better_loss}'s 1 (tolerance 0.25; lower is better)")
+    within = _new_version(cfg, adapter_dir, {"caption_cider": 0.75, "instruction_exact_match": 0.25,
+                                             "instruction_holdout_loss": 1.25})
+    assert promote(cfg, within).outcome == "promoted"  # rose exactly the tolerance: held
+    assert _champion(cfg) == within
+    tags = use_tracking(cfg).get_model_version(cfg.tracking.registered_model, worse_loss).tags
+    assert tags["promotion.outcome"] == "kept"
 
 
 def test_a_failed_evaluation_names_the_metric_that_is_not_finite(

@@ -9,7 +9,7 @@ checkpoint's ``config.json`` can be checked against them directly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -395,6 +395,14 @@ class TrainingConfig(Strict):
 # --------------------------------------------------------------------------- tracking
 
 
+class GuardConfig(Strict):
+    """A metric that may worsen by at most ``tolerance`` against the champion (first: the baseline)."""
+
+    tolerance: Annotated[float, Field(ge=0)]
+    greater_is_better: bool = Field(default=True, description="false for a metric where lower is better "
+                                    "(a loss): the guard then holds if it rises by at most the tolerance")
+
+
 class PromotionConfig(Strict):
     """The gate: ``metric`` must beat the zero-init baseline and the champion by ``margin``."""
 
@@ -407,11 +415,21 @@ class PromotionConfig(Strict):
         description="refuse a version that lacks or does not beat baseline_<metric> (the zero-init model's); "
         "false only for smoke runs whose few steps cannot beat anything",
     )
-    guards: dict[str, Annotated[float, Field(ge=0)]] = Field(
+    guards: dict[str, GuardConfig] = Field(
         default_factory=dict,
-        description="metric -> how far it may fall below the champion's (or, first, the baseline's); "
-        "higher is better",
+        description="metric -> how far it may fall below the champion's (or, first, the baseline's), "
+        "higher being better; or metric -> {tolerance, greater_is_better: false} for a metric where "
+        "lower is better (it may then rise by at most the tolerance)",
     )
+
+    @field_validator("guards", mode="before")
+    @classmethod
+    def _a_bare_tolerance_is_higher_is_better(cls, guards: Any) -> Any:
+        """``{metric: 0.05}`` (the first form, kept) is ``{metric: {tolerance: 0.05}}``."""
+        if not isinstance(guards, dict):
+            return guards
+        return {metric: {"tolerance": guard} if isinstance(guard, int | float) and not isinstance(guard, bool)
+                else guard for metric, guard in guards.items()}
 
 
 class TrackingConfig(Strict):

@@ -95,19 +95,26 @@ def _champion(client: Any, name: str, alias: str) -> Any | None:
 
 def _fallen_guards(rule: PromotionConfig, tags: dict[str, str], reference: dict[str, str],
                    reference_name: str, prefix: str) -> list[str]:
-    """The guard metrics that fell below the reference by more than their tolerance, as sentences.
-    A guard the reference never scored is held against the challenger's own baseline instead."""
+    """The guard metrics that worsened against the reference by more than their tolerance (fell, or
+    rose for a lower-is-better guard), as sentences. A guard the reference never scored is held
+    against the challenger's own baseline instead."""
     fallen = []
-    for metric, tolerance in sorted(rule.guards.items()):
+    for metric, guard in sorted(rule.guards.items()):
         value = _metric_of(tags, metric)
         name, before = reference_name, _metric_of(reference, prefix + metric)
         if before is None:
             name, before = "the zero-init baseline", _metric_of(tags, BASELINE_PREFIX + metric)
         if value is None or not math.isfinite(value):
             fallen.append(f"guard {metric} is {value}")
-        elif before is not None and before - value > tolerance:
-            fallen.append(f"guard {metric} {value:.4g} fell {before - value:.4g} below {name}'s "
-                          f"{before:.4g} (tolerance {tolerance:g})")
+            continue
+        if before is None:
+            continue
+        worse = before - value if guard.greater_is_better else value - before
+        if worse > guard.tolerance:
+            moved, side, lower = (("fell", "below", "") if guard.greater_is_better
+                                  else ("rose", "above", "; lower is better"))
+            fallen.append(f"guard {metric} {value:.4g} {moved} {worse:.4g} {side} {name}'s "
+                          f"{before:.4g} (tolerance {guard.tolerance:g}{lower})")
     return fallen
 
 
