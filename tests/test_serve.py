@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -350,3 +351,70 @@ def test_a_registry_alias_is_served_as_the_version_it_names(tmp_path: Path, adap
 def test_serve_refuses_a_model_that_is_not_there(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)])
     assert result.exit_code == 2 and "not an adapter folder" in result.stderr
+
+
+# --------------------------------------------------------------------------- the chat page
+
+
+@pytest.fixture(scope="module")
+def browser(require: Callable[[bool, str], None]) -> Iterator[Any]:
+    """Headless Chromium from the system package (Debian: chromium), driven by playwright; no download."""
+    chromium = shutil.which("chromium")
+    require(chromium is not None, "the chat page test needs the chromium package (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only where chromium is there
+
+    with sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+# Records every text the newest answer shows, so the test sees it grow while it streams.
+WATCH_ANSWERS = """() => {
+  window.shown = [];
+  new MutationObserver(() => {
+    const answers = document.querySelectorAll('.assistant');
+    if (answers.length) window.shown.push(answers[answers.length - 1].textContent);
+  }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def test_the_page_asks_for_the_key_then_chats_about_an_uploaded_image(
+    browser: Any, server: str, loaded: LoadedModel
+) -> None:
+    page = browser.new_page()
+    page.goto(server + "/")
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert "needs an API key" in page.inner_text("#key-note") and page.is_disabled("#send")
+    page.fill("#key", "wrong")
+    page.click("#key-use")
+    page.wait_for_function("() => document.getElementById('key-note').textContent.includes('refused')")
+    page.fill("#key", KEY)
+    page.click("#key-use")
+    page.wait_for_function("() => document.getElementById('model').textContent.startsWith('model ')")
+    assert page.inner_text("#model") == f"model {NAME}" and page.is_hidden("#key-form")
+    buffer = io.BytesIO()
+    RED.save(buffer, "PNG")
+    upload = {"name": "red.png", "mimeType": "image/png", "buffer": buffer.getvalue()}
+    page.set_input_files("#image", files=[upload])
+    page.wait_for_selector("#preview:not([hidden])")
+    page.fill("#max-tokens", "16")
+    page.evaluate(WATCH_ANSWERS)
+
+    def ask_on_page(question: str) -> str:
+        page.fill("#question", question)
+        page.press("#question", "Enter")
+        page.wait_for_function("() => document.getElementById('status').textContent === '' && "
+                               "!document.getElementById('send').disabled")
+        return page.locator(".assistant").last.inner_text()
+
+    first = ask_on_page(QUESTION)
+    assert first == expected(loaded, QUESTION, RED)
+    shown = page.evaluate("window.shown")
+    assert any(0 < len(text) < len(first) and first.startswith(text) for text in shown)  # it streamed
+    follow_up = "And what colour is it?"
+    history = (("user", QUESTION), ("assistant", first))
+    assert ask_on_page(follow_up) == expected(loaded, follow_up, RED, history)
+    assert page.locator(".user").all_inner_texts() == [QUESTION, follow_up]
+    assert page.locator(".error").count() == 0
+    page.close()
