@@ -418,3 +418,20 @@ def test_the_page_asks_for_the_key_then_chats_about_an_uploaded_image(
     assert page.locator(".user").all_inner_texts() == [QUESTION, follow_up]
     assert page.locator(".error").count() == 0
     page.close()
+
+
+def test_the_load_benchmark_counts_what_the_server_answered(server: str) -> None:
+    """benchmarks/serve_load.py against the test server: structure and counts, never a time."""
+    from benchmarks.serve_load import markdown, measure_level, percentile, request_body  # noqa: PLC0415
+
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0 and percentile([3.0, 1.0, 2.0, 4.0], 0.95) == 4.0
+    level = measure_level(server, request_body(NAME, 4), clients=3, requests=5,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert (level["answered"], level["failed"]) == (5, 0)
+    assert level["p50_s"] <= level["p95_s"] and level["requests_per_s"] > 0
+    refused = measure_level(server, request_body(NAME, 4), clients=2, requests=2)  # no key
+    assert (refused["answered"], refused["failed"]) == (0, 2) and refused["failures"][0].startswith("401")
+    table = markdown({"started_utc": "now", "model": NAME, "max_tokens": 4, "threads": 2, "max_batch": 8,
+                      "machine": "test", "load_average_1m": 0.0,
+                      "levels": [{**level, "batches": 2, "largest_batch": 3}]})
+    assert "| 3 | 5 | 5 | 0 |" in table
