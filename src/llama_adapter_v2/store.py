@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -146,6 +147,36 @@ def evaluation_run_of(client: MlflowClient, experiment_id: str, training_run_id:
 
 def is_store_uri(source: str) -> bool:
     return source.startswith((REGISTRY_PREFIX, RUN_PREFIX))
+
+
+@dataclass(frozen=True)
+class PinnedVersion:
+    """One version of a registered model, and the alias it was asked for by (if any)."""
+
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+
+    @property
+    def uri(self) -> str:
+        """The version by number: it names the same weights even after the alias moves."""
+        return f"{REGISTRY_PREFIX}{self.name}/{self.version}"
+
+
+def pinned_version(source: str, tracking: str | None = None) -> PinnedVersion | None:
+    """The version ``models:/name@alias`` or ``models:/name/<version>`` names now; None for other sources."""
+    if not source.startswith(REGISTRY_PREFIX):
+        return None
+    client = use_store(tracking or default_tracking_uri())
+    path = source.removeprefix(REGISTRY_PREFIX).strip("/")
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        found = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = path.partition("/")
+        alias, found = None, client.get_model_version(name, number)
+    return PinnedVersion(name=name, version=str(found.version), alias=alias, run_id=found.run_id)
 
 
 def download(source: str, tracking: str | None = None, dst: Path | None = None) -> Path:

@@ -19,6 +19,7 @@ from llama_adapter_v2.cli import (
     pipeline_cmd,
     reference_cmd,
     registry_cmd,
+    serve_cmd,
     train_cmd,
 )
 
@@ -45,6 +46,7 @@ app.command("evaluate")(eval_cmd.evaluate)
 app.command("generate")(eval_cmd.generate)
 app.command("chat")(eval_cmd.chat)
 app.command("ablate")(ablate_cmd.ablate)
+app.command("serve")(serve_cmd.serve)
 
 
 def main() -> None:

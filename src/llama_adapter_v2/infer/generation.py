@@ -1,14 +1,17 @@
-"""Text generation on the adapted model: greedy or sampled, stop strings, batched prompts.
+"""Text generation on the adapted model: greedy or sampled, stop strings, batched prompts, streaming.
 
 Prompts are tokenized exactly as training tokenized them (BOS, then the template text without
 special tokens) and left-padded, so a batch of prompts continues from the same position as each
 prompt alone. Prompts with and without an image are generated in separate batches because
-the model's visual prompts apply to a whole batch.
+the model's visual prompts apply to a whole batch. A streamed answer is handed over in pieces
+that join to exactly the text the same prompt gets unstreamed (see ``TextPieces``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,9 @@ from transformers import StoppingCriteriaList
 from llama_adapter_v2.data.formatting import CHAT_SEPARATOR, alpaca_prompt
 from llama_adapter_v2.data.records import CAPTION_INSTRUCTION
 from llama_adapter_v2.model.adapter import LlamaAdapterV2
+
+log = logging.getLogger(__name__)
+_LAST_WORD = re.compile(r"\s+\S*$")
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,77 @@ def prompt_ids(tokenizer: Any, text: str) -> list[int]:
     return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
 
 
+@dataclass(frozen=True)
+class Completion:
+    """An answer and how it ended: ``stopped`` by EOS or a stop string, else cut at ``max_new_tokens``."""
+
+    text: str
+    new_tokens: int
+    stopped: bool
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The text before the first stop string, stripped."""
     cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
     return text[:cut].strip()
+
+
+def _completion(tokenizer: Any, generated: list[int], stop: Sequence[str], pad_id: int) -> Completion:
+    """A row of ``generate``'s new tokens as an answer; a finished row is padded to the batch's length."""
+    raw = tokenizer.decode(generated, skip_special_tokens=True)
+    if tokenizer.eos_token_id in generated:
+        return Completion(cut_at_stop(raw, stop), generated.index(tokenizer.eos_token_id) + 1, True)
+    stopped = any(s and s in raw for s in stop)
+    count = len(generated)
+    while stopped and count and generated[count - 1] == pad_id:
+        count -= 1
+    return Completion(cut_at_stop(raw, stop), count, stopped)
+
+
+class TextPieces:
+    """A transformers streamer for one prompt: hands ``on_text`` each piece of the answer once it is settled.
+
+    A piece is settled when later tokens cannot change it: text up to the last whitespace (a word
+    may still grow, or a byte-fallback character complete) and never what could be the start of a
+    stop string. ``finish`` hands over the rest of the final answer, so the pieces joined equal the
+    unstreamed answer (stripped and cut at the first stop string).
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], on_text: Callable[[str], None]) -> None:
+        self.tokenizer, self.stop, self.on_text = tokenizer, tuple(s for s in stop if s), on_text
+        self.ids: list[int] = []
+        self.sent = ""
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        self.ids.extend(int(token) for token in value.reshape(-1).tolist())
+        self._send(self._settled(self.tokenizer.decode(self.ids, skip_special_tokens=True)))
+
+    def end(self) -> None:
+        """Part of the streamer protocol; the rest is handed over by ``finish`` with the final text."""
+
+    def _settled(self, text: str) -> str:
+        if any(s in text for s in self.stop):
+            return cut_at_stop(text, self.stop)
+        text = text.lstrip()
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[: len(text) - held]
+        last_word = _LAST_WORD.search(text)
+        return text[: last_word.start()] if last_word else ""
+
+    def _send(self, settled: str) -> None:
+        if settled.startswith(self.sent) and len(settled) > len(self.sent):
+            piece, self.sent = settled[len(self.sent) :], settled
+            self.on_text(piece)
+
+    def finish(self, final: str) -> None:
+        if not final.startswith(self.sent):  # the tokenizer decoded a longer sequence differently
+            log.warning("streamed text %r is not a prefix of the answer %r", self.sent, final)
+            return
+        self._send(final)
 
 
 class _StopStrings:
@@ -104,9 +177,12 @@ def _image_batch(model: LlamaAdapterV2, prompts: Sequence[Prompt]) -> torch.Tens
 
 
 def _generate_batch(
-    model: LlamaAdapterV2, tokenizer: Any, prompts: Sequence[Prompt], settings: GenerationSettings
-) -> list[str]:
-
+    model: LlamaAdapterV2,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    settings: GenerationSettings,
+    streamer: TextPieces | None = None,
+) -> list[Completion]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = _left_padded([prompt_ids(tokenizer, p.text) for p in prompts], pad_id)
     device = next(model.parameters()).device
@@ -123,10 +199,31 @@ def _generate_batch(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad_id,
         stopping_criteria=stopping if settings.stop else None,
+        streamer=streamer,
         **sampling,
     )
-    texts = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
-    return [cut_at_stop(text, settings.stop) for text in texts]
+    rows = output[:, input_ids.shape[1] :].tolist()
+    return [_completion(tokenizer, row, settings.stop, pad_id) for row in rows]
+
+
+def generate_completions(
+    model: LlamaAdapterV2,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    settings: GenerationSettings | None = None,
+) -> list[Completion]:
+    """One answer per prompt, in order, and how it ended. Sampling is seeded by ``settings.seed`` per call."""
+    settings = settings or GenerationSettings()
+    if settings.temperature > 0:
+        torch.manual_seed(settings.seed)
+    answers: dict[int, Completion] = {}
+    for with_image in (False, True):
+        indices = [i for i, p in enumerate(prompts) if (p.image is not None) == with_image]
+        for start in range(0, len(indices), settings.batch_size):
+            chunk = indices[start : start + settings.batch_size]
+            found = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings)
+            answers.update(zip(chunk, found, strict=True))
+    return [answers[i] for i in range(len(prompts))]
 
 
 def generate_texts(
@@ -135,15 +232,21 @@ def generate_texts(
     prompts: Sequence[Prompt],
     settings: GenerationSettings | None = None,
 ) -> list[str]:
-    """One answer per prompt, in order. Sampling is seeded by ``settings.seed`` per call."""
-    settings = settings or GenerationSettings()
+    """One answer text per prompt, in order (see ``generate_completions``)."""
+    return [completion.text for completion in generate_completions(model, tokenizer, prompts, settings)]
+
+
+def generate_streamed(
+    model: LlamaAdapterV2,
+    tokenizer: Any,
+    prompt: Prompt,
+    settings: GenerationSettings,
+    on_text: Callable[[str], None],
+) -> Completion:
+    """One answer, handed to ``on_text`` in pieces as it is generated; they join to the returned text."""
     if settings.temperature > 0:
         torch.manual_seed(settings.seed)
-    answers: dict[int, str] = {}
-    for with_image in (False, True):
-        indices = [i for i, p in enumerate(prompts) if (p.image is not None) == with_image]
-        for start in range(0, len(indices), settings.batch_size):
-            chunk = indices[start : start + settings.batch_size]
-            texts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings)
-            answers.update(zip(chunk, texts, strict=True))
-    return [answers[i] for i in range(len(prompts))]
+    pieces = TextPieces(tokenizer, settings.stop, on_text)
+    [completion] = _generate_batch(model, tokenizer, [prompt], settings, streamer=pieces)
+    pieces.finish(completion.text)
+    return completion
