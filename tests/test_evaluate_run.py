@@ -22,6 +22,7 @@ from llama_adapter_v2.evaluate.instruction_metrics import InstructionSample, sco
 from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
 from llama_adapter_v2.infer.chat import ChatSession
 from llama_adapter_v2.infer.generation import GenerationSettings, generate_texts, instruction_prompt
+from llama_adapter_v2.infer.holdout import image_control_losses
 from llama_adapter_v2.infer.loading import load_for_inference
 from llama_adapter_v2.model.build import build_model, load_tokenizer
 from llama_adapter_v2.model.checkpoint import save_adapter
@@ -158,6 +159,36 @@ def test_holdout_loss_matches_a_direct_forward(tiny_run: dict[str, Any]) -> None
             count = sum(label != -100 for label in labels[1:])
             total, tokens = total + float(loss) * count, tokens + count
     assert tiny_run["metrics"]["instruction_loss"] == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_caption_loss_with_another_image_is_the_blind_control(tiny_run: dict[str, Any]) -> None:
+    cfg, model = tiny_run["cfg"], tiny_run["model"]
+    tokenizer = load_tokenizer(cfg)
+    groups = {"colour": list(COLOURS)}
+    seen = image_control_losses(model, tokenizer, cfg, groups, device=torch.device("cpu"))
+    metrics = tiny_run["metrics"]
+    assert metrics["caption_loss_shuffled_image"] == pytest.approx(seen["caption_loss_shuffled_image"])
+    assert seen["caption_loss_shuffled_image"] != metrics["caption_loss"]  # the gates are open
+    encoded = {name: tokenizer.encode(f" {name}", add_special_tokens=False) for name in COLOURS}
+    colour_ids = {ids[0] for ids in encoded.values() if len(ids) == 1}  # words of several tokens are left out
+    assert len(colour_ids) == 1  # of the tiny tokenizer's colours, only " blue" is one token
+    captions, _ = held_out_records(tiny_run["root"])
+    total = count = 0.0
+    with torch.no_grad():  # the colour words' loss with their own image, one caption at a time
+        for record in captions:
+            ids, labels = encode_record(record, tokenizer, cfg.training.max_tokens_caption)
+            with Image.open(record.image or "") as raw:
+                image = model.image_transform(raw.convert("RGB")).unsqueeze(0)
+            out = model(torch.tensor([ids]), labels=torch.tensor([labels]), images=image)
+            losses = torch.nn.functional.cross_entropy(out.logits, out.targets, reduction="none")
+            targets = out.targets.tolist()
+            picked = [float(loss) for loss, t in zip(losses, targets, strict=True) if t in colour_ids]
+            total, count = total + sum(picked), count + len(picked)
+    assert count == 2  # the two captions of the blue circle
+    assert seen["caption_loss_colour_words"] == pytest.approx(total / count, rel=1e-4)
+    zero = build_model(cfg).eval()  # zero-init gates: the image changes nothing, to the last bit
+    blind = image_control_losses(zero, tokenizer, cfg, groups, device=torch.device("cpu"))
+    assert blind["caption_loss_colour_words"] == blind["caption_loss_colour_words_shuffled_image"]
 
 
 def _as_it_was(run: Any) -> tuple[Any, ...]:

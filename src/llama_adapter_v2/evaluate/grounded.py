@@ -100,6 +100,12 @@ def _summary(prefix: str, per_attribute: dict[str, float]) -> dict[str, float]:
 
 
 SHAPE_COLOURS = frozenset(COLOUR_WORDS) - {"white", "gray", "black"}
+# What a demo caption's words say about the drawing, for the held-out caption loss split by word
+# (infer.holdout.image_control_losses): the background's colours are never a shape's.
+CAPTION_WORD_GROUPS: dict[str, list[str]] = {
+    "colour": sorted(SHAPE_COLOURS), "background": ["black", "gray", "white"],
+    "shape": sorted(VOCABULARY["shape"]), "place": sorted(VOCABULARY["place"]),
+}
 
 
 def caption_names(caption: str, colour: str, shape: str) -> tuple[bool, bool]:

@@ -21,7 +21,7 @@ import mlflow
 import torch
 
 from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.evaluate.grounded import evaluate_grounded
+from llama_adapter_v2.evaluate.grounded import CAPTION_WORD_GROUPS, evaluate_grounded
 from llama_adapter_v2.evaluate.heldout import load_holdout
 from llama_adapter_v2.evaluate.options import EvalOptions
 from llama_adapter_v2.evaluate.report import metrics_table, write_json_atomic
@@ -31,6 +31,7 @@ from llama_adapter_v2.evaluate.scoring import (
     evaluate_instructions,
     holdout_losses,
 )
+from llama_adapter_v2.infer.holdout import image_control_losses
 from llama_adapter_v2.infer.loading import inference_model
 from llama_adapter_v2.model.build import load_tokenizer
 from llama_adapter_v2.store import STAGE_TAG, TRAINING_RUN_TAG, ensure_experiment
@@ -78,6 +79,9 @@ def evaluate(
         "evaluating on %d held-out images, %d instruction records", len(held.images), len(held.instructions)
     )
     metrics = holdout_losses(model, tokenizer, cfg)
+    word_groups = CAPTION_WORD_GROUPS if cfg.data.grounded is not None else {}
+    device = next(model.parameters()).device
+    metrics |= image_control_losses(model, tokenizer, cfg, word_groups, device=device)
     metrics |= evaluate_captions(model, tokenizer, held, options, out)
     metrics |= evaluate_instructions(model, tokenizer, held, options, out)
     metrics |= evaluate_choice_files(model, tokenizer, options.choice_files)

@@ -59,3 +59,58 @@ def holdout_loss_sums(
 
 def mean_loss(sums: torch.Tensor) -> float:
     return float(sums[0] / sums[1].clamp(min=1))
+
+
+@torch.no_grad()
+def image_control_losses(
+    model: LlamaAdapterV2, tokenizer: Any, cfg: Config, word_groups: dict[str, list[str]], *,
+    device: torch.device,
+) -> dict[str, float]:
+    """Held-out caption loss with each caption's own image and with another sample's image.
+
+    The image's share of the caption loss is what a blind control leaves out: a visual path that
+    carries nothing gives equal losses. ``word_groups`` ("colour": ["red", ...]) also splits the
+    losses by the word predicted, so a model that learns a caption's wording from the image but
+    not what is drawn shows it (those words' loss stays at the shuffled one). Words that are not
+    one token after a space are left out of their group. The other image is the next sample's in
+    the batch (a batch of one keeps its image and is skipped).
+    """
+    token_group = _single_token_groups(tokenizer, word_groups)
+    loader = make_loader(
+        DataPaths(cfg.data.work_dir).split("caption", "holdout"), tokenizer=tokenizer,
+        batch_size=cfg.training.batch_size, max_tokens=cfg.training.max_tokens("caption"),
+        image_transform=model.image_transform, seed=cfg.training.seed, epoch=0,
+    )
+    sums: dict[tuple[str, bool], list[float]] = {}
+    for raw in loader:
+        batch = to_device(raw, device)
+        if batch["images"] is None or batch["images"].shape[0] < 2:
+            continue
+        for shuffled in (False, True):
+            images = batch["images"].roll(1, dims=0) if shuffled else batch["images"]
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"], images=images)
+            losses = torch.nn.functional.cross_entropy(out.logits.float(), out.targets, reduction="none")
+            for target, loss in zip(out.targets.tolist(), losses.tolist(), strict=True):
+                for group in ("all", token_group.get(target)):
+                    if group is not None:
+                        total = sums.setdefault((group, shuffled), [0.0, 0])
+                        total[0], total[1] = total[0] + loss, total[1] + 1
+    metrics: dict[str, float] = {}
+    for (group, shuffled), (total, count) in sorted(sums.items()):
+        if group == "all":  # with its own image this is caption_loss, which holdout_loss_sums gives
+            if shuffled:
+                metrics["caption_loss_shuffled_image"] = total / count
+            continue
+        metrics[f"caption_loss_{group}_words" + ("_shuffled_image" if shuffled else "")] = total / count
+    return metrics
+
+
+def _single_token_groups(tokenizer: Any, word_groups: dict[str, list[str]]) -> dict[int, str]:
+    groups: dict[int, str] = {}
+    for group, words in word_groups.items():
+        for word in words:
+            ids = tokenizer.encode(f" {word}", add_special_tokens=False)
+            if len(ids) == 1:
+                groups[ids[0]] = group
+    return groups
