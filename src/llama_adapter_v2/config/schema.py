@@ -379,6 +379,11 @@ class TrainingConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="recompute each decoder layer of the frozen Llama in the backward instead of keeping "
+        "its activations: less memory for more step time",
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval_every_steps: PositiveInt = 100
