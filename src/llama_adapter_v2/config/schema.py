@@ -100,6 +100,11 @@ class BaseLlamaConfig(Strict):
     path: Path | None = None
     arch: LlamaArch | None = None
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        default="none",
+        description="store the frozen decoder linears in 4-bit NF4 (double quantisation, as QLoRA) or "
+        "per-channel int8; adapter tensors stay in the compute dtype; a quantised base cannot be folded",
+    )
 
     @model_validator(mode="after")
     def _path_or_arch(self) -> BaseLlamaConfig:
