@@ -65,6 +65,7 @@ $(LITGPT_VENV)/.installed:
 bench: $(STAMP) $(LITGPT_VENV)/.installed
 	$(BIN)/python -m benchmarks.runner $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.serve_load
+	$(BIN)/python -m benchmarks.memory
 
 clean-venv:
 	rm -rf $(VENV)
