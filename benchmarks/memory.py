@@ -81,8 +81,8 @@ def bits_per_weight(kind: str, compute_bytes: int, in_features: int) -> float:
 
 @dataclass(frozen=True)
 class Activation:
-    """Bytes autograd keeps per token per layer, per unit of width, at 4 bytes per value (fp32);
-    ``checkpointed`` keeps only each layer's input."""
+    """Bytes autograd keeps per token, per layer and per unit of width, measured in fp32 (halved for
+    bf16); ``checkpointed`` keeps each layer's input and what lies outside the layers."""
 
     full: float
     checkpointed: float
