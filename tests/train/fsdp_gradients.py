@@ -1,9 +1,10 @@
 """Run by torchrun from test_train_fsdp: the same batches through DDP and through each variant, every rank.
 
-The variants are FSDP2, FSDP2 with activation checkpointing and DDP with activation
-checkpointing. Writes, per variant and task, the largest gradient difference of any adapter
-tensor relative to that tensor's gradient norm (the variant's whole gradient against plain
-DDP's all-reduced one) and how many tensors had a gradient, to argv[2].
+The variants are FSDP2, FSDP2 with activation checkpointing, DDP with activation checkpointing
+(each against plain DDP) and DDP with checkpointing over an nf4 base (against DDP over the same
+nf4 base). Writes, per variant and task, the largest gradient difference of any adapter tensor
+relative to that tensor's gradient norm (the variant's whole gradient against the reference's
+all-reduced one) and how many tensors had a gradient, to argv[2].
 """
 
 from __future__ import annotations
@@ -20,21 +21,25 @@ from llama_adapter_v2.train.schedule import GROUP_OF_TASK
 from llama_adapter_v2.train.trainer import Trainer
 
 CHECKPOINTED = "training.activation_checkpointing=true"
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "fsdp": ("training.distributed.strategy=fsdp",),
-    "fsdp_checkpointed": ("training.distributed.strategy=fsdp", CHECKPOINTED),
-    "ddp_checkpointed": ("training.distributed.strategy=ddp", CHECKPOINTED),
+NF4 = "model.base.quantize=nf4"
+# variant -> (overrides of both the DDP reference and the variant, overrides of the variant only)
+VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "fsdp": ((), ("training.distributed.strategy=fsdp",)),
+    "fsdp_checkpointed": ((), ("training.distributed.strategy=fsdp", CHECKPOINTED)),
+    "ddp_checkpointed": ((), (CHECKPOINTED,)),
+    "ddp_nf4_checkpointed": ((NF4,), (CHECKPOINTED,)),
 }
 
 
 def main(config: Path, out: Path) -> None:
-    reference_cfg = tiny_config(config, out.parent / "ddp", "training.batch_size=2")
-    ctx = init_distributed(reference_cfg.training)
+    ctx = init_distributed(tiny_config(config, out.parent / "ddp").training)
     report: dict[str, dict[str, float]] = {}
     compared: dict[str, dict[str, int]] = {}
-    for variant, overrides in VARIANTS.items():
-        reference = Trainer(reference_cfg, ctx)  # new for each: its streams start where the variant's do
-        trainer = Trainer(tiny_config(config, out.parent / variant, "training.batch_size=2", *overrides), ctx)
+    for variant, (shared, own) in VARIANTS.items():
+        # a new reference for each: its streams start where the variant's do
+        reference = Trainer(tiny_config(config, out.parent / "ddp", "training.batch_size=2", *shared), ctx)
+        variant_cfg = tiny_config(config, out.parent / variant, "training.batch_size=2", *shared, *own)
+        trainer = Trainer(variant_cfg, ctx)
         report[variant], compared[variant] = _compare(reference, trainer)
     if ctx.is_main:
         out.write_text(json.dumps({"difference": report, "tensors": compared}))
