@@ -191,3 +191,10 @@ def test_meta_builds_count_a_quantised_config_like_the_full_one() -> None:
     meta = build_model(Config.model_validate(cfg.model_dump()), device="meta")
     assert not any(isinstance(layer, QuantizedLinear) for layer in meta.modules())
     assert count_parameters(meta).as_dict() == count_parameters(build_model(tiny_config())).as_dict()
+
+
+def test_generation_over_a_quantised_base_runs_with_prompts_and_images() -> None:
+    model = _model("nf4").eval()
+    tokens = token_batch(1, 5)
+    new = model.generate(tokens, images=image_batch(1), max_new_tokens=4, do_sample=False)
+    assert new.shape == (1, 9) and torch.equal(new[:, :5], tokens)
