@@ -25,7 +25,7 @@ help:
 	@echo "make demo   - the whole pipeline on the demo config (sets up .venv on first use)"
 	@echo "make test   - lint and the test suite (sets up .venv on first use)"
 	@echo "make lint   - ruff and the import contracts (lint-imports)"
-	@echo "make bench  - benchmarks against peers and lav2 serve under load (benchmarks/README.md; creates benchmarks/.venv-litgpt)"
+	@echo "make bench  - benchmarks against peers, lav2 serve under load, memory (benchmarks/README.md; creates benchmarks/.venv-litgpt)"
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,7 @@ $(LITGPT_VENV)/.installed:
 bench: $(STAMP) $(LITGPT_VENV)/.installed
 	$(BIN)/python -m benchmarks.runner $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.serve_load
+	$(BIN)/python -m benchmarks.memory
 
 clean-venv:
 	rm -rf $(VENV)

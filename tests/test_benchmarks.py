@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import torch
 
-from benchmarks import cases, flops, gpu_train_path, orchestration, profile_step, report
+from benchmarks import cases, flops, gpu_train_path, memory, orchestration, profile_step, report
 from benchmarks.spec import Spec, preset, with_workload
 from llama_adapter_v2.config import load_config
 
@@ -244,3 +244,35 @@ def test_gpu_train_path_keeps_groups_disjoint_and_dtypes_apart_on_the_tiny_prese
         "caption": steps, "instruction": steps
     }
     assert result["losses"]["caption"][-1] < result["losses"]["caption"][0]
+
+
+def test_memory_model_counts_7b_weights_and_orders_the_cases() -> None:
+    """Llama-2 7B's decoder: 32 x (4 x 4096^2 + 3 x 4096 x 11008) weights, NF4 at ~4.13 bits each."""
+    seven = memory.BIG_SHAPES["7B"]
+    assert memory.decoder_params(seven) == 32 * (4 * 4096**2 + 3 * 4096 * 11008) == 6_476_005_376
+    assert memory.other_params(seven) == 2 * 32000 * 4096 + 65 * 4096
+    activation = memory.Activation(full=10.0, checkpointed=1.0)
+    totals = {
+        (kind, checkpointed): memory.predicted_peak_bytes(
+            seven, kind=kind, checkpointed=checkpointed, tokens=2048, supervised=1024, trainable=4_000_000,
+            compute_bytes=2, activation=activation)
+        for kind in memory.KINDS for checkpointed in (False, True)
+    }
+    assert totals["nf4", False]["decoder_weights"] == 6_476_005_376 * (4 + 8 / 64 + 32 / 16384) / 8
+    assert totals["none", False]["decoder_weights"] == 2 * 6_476_005_376
+    for checkpointed in (False, True):
+        assert totals["nf4", checkpointed]["total"] < totals["int8", checkpointed]["total"] \
+            < totals["none", checkpointed]["total"]
+    # checkpointed: 1 unit per layer for 32 layers plus one layer's 10 units recomputed
+    assert totals["none", True]["activations"] == 0.5 * 4096 * 2048 * (1.0 * 32 + 10.0)
+
+
+def test_memory_child_measures_a_quantised_checkpointed_step_on_the_tiny_shape() -> None:
+    spec = memory.memory_spec("tiny")
+    plain, checkpointed = (memory.run_child(case, spec) for case in ("nf4", "nf4+ckpt"))
+    for result in (plain, checkpointed):
+        assert result["peak_reset"] and result["step_peak_rss_mb"] > 0
+        assert len(result["step_seconds"]) == spec.workload.timed_steps
+        assert result["tokens_per_step"] == spec.workload.tokens_per_step
+    assert checkpointed["activations_mb"] < plain["activations_mb"] / 3
+    assert plain["trainable_params"] == checkpointed["trainable_params"] > 0

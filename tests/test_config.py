@@ -75,6 +75,7 @@ def test_wrong_type_is_named(tmp_path: Path, demo_raw: dict) -> None:
         ("model.base.arch.num_attention_heads=5", "model.base.arch"),
         ("data.validation.max_failure_fraction=-0.1", "data.validation.max_failure_fraction"),
         ("training.precision=fp16", "training.precision"),
+        ("model.base.quantize=fp4", "model.base.quantize"),
     ],
 )
 def test_impossible_value_is_named(tmp_path: Path, demo_raw: dict, override: str, key: str) -> None:
@@ -94,6 +95,27 @@ def test_fsdp_refuses_what_it_cannot_shard_before_any_tensor(
     assert error_keys(path, ("training.distributed.strategy=fsdp", *overrides)) == [
         "training.distributed.strategy"
     ]
+
+
+def test_a_quantised_base_trains_under_ddp_not_fsdp(tmp_path: Path, demo_raw: dict) -> None:
+    path = write(tmp_path, demo_raw)
+    assert load_config(path, ("model.base.quantize=nf4",)).model.base.quantize == "nf4"
+    assert load_config(path).model.base.quantize == "none"  # the default: today's full-precision base
+    overrides = ("model.base.quantize=int8", "training.distributed.strategy=fsdp")
+    assert error_keys(path, overrides) == ["model.base.quantize"]
+
+
+def test_config_check_refuses_a_bad_quantize_value_by_name_before_torch() -> None:
+    code = (
+        "import sys\nfrom llama_adapter_v2.cli.main import app\n"
+        "try:\n    app(['config', 'check', 'configs/demo.yaml', '--set', 'model.base.quantize=nf2'])\n"
+        "except SystemExit as end:\n    code = end.code\n"
+        "sys.exit(3 if {'torch', 'transformers'} & set(sys.modules) else code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                            cwd=REPO)
+    assert result.returncode not in (0, 3), result.stdout + result.stderr
+    assert "model.base.quantize" in result.stdout + result.stderr
 
 
 def test_prompt_layers_overlapping_visual_layers(tmp_path: Path, demo_raw: dict) -> None:

@@ -21,13 +21,13 @@ def fold(
     With prompts: OUT/base is the folded Llama and OUT an adapter folder keeping prompts and gates."""
     from llama_adapter_v2.infer import loading  # noqa: PLC0415 - lazy: CLI starts without torch
     from llama_adapter_v2.model import build, checkpoint  # noqa: PLC0415 - lazy, as above
-    from llama_adapter_v2.model.fold import export_folded  # noqa: PLC0415 - lazy, as above
+    from llama_adapter_v2.model.fold import QuantizedBaseFoldError, export_folded  # noqa: PLC0415 - lazy
 
     console = Console(stderr=True)
     with errors_exit(FileNotFoundError, checkpoint.AdapterMismatchError, build.BaseModelError), \
             console.status(f"building the base of {adapter} and loading the adapter"):
         model, cfg = loading.model_from_adapter(adapter)
-    with console.status(f"folding into {out}"):
+    with errors_exit(QuantizedBaseFoldError), console.status(f"folding into {out}"):
         stock = export_folded(model, out, tokenizer_from=cfg.model.base.path)
     if stock == out:
         typer.echo(

@@ -209,6 +209,11 @@ def _training_problems(cfg: Config) -> Iterator[tuple[str, str]]:
             "fsdp cannot train with precision=fp16 (the gradient scaler's unscale is not built for "
             "sharded gradients); use bf16"
         )
+    if training.distributed.strategy == "fsdp" and cfg.model.base.quantize != "none":
+        yield "model.base.quantize", (
+            f"{cfg.model.base.quantize} with fsdp is not supported (a quantised weight is not sharded the "
+            "way FSDP2 shards a plain one); use ddp, or quantize: none"
+        )
     if training.caption_ratio > 0 and not cfg.data.captions and cfg.data.demo is None:
         yield "training.caption_ratio", "caption batches asked for but data.captions is empty"
     if training.caption_ratio < 1 and not cfg.data.instructions and cfg.data.demo is None:

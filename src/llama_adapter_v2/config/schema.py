@@ -100,6 +100,11 @@ class BaseLlamaConfig(Strict):
     path: Path | None = None
     arch: LlamaArch | None = None
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        default="none",
+        description="store the frozen decoder linears in 4-bit NF4 (double quantisation, as QLoRA) or "
+        "per-channel int8; adapter tensors stay in the compute dtype; a quantised base cannot be folded",
+    )
 
     @model_validator(mode="after")
     def _path_or_arch(self) -> BaseLlamaConfig:
@@ -379,6 +384,11 @@ class TrainingConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="recompute each decoder layer of the frozen Llama in the backward instead of keeping "
+        "its activations: less memory for more step time",
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval_every_steps: PositiveInt = 100

@@ -138,6 +138,19 @@ class LlamaAdapterV2(nn.Module):
         self.visual_bridge = bridge.to(dtype=reference.dtype)
         self.image_transform = ClipImageTransform(self.clip.image_size)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute every decoder layer in the backward rather than keep its activations.
+
+        Non-reentrant ``torch.utils.checkpoint`` through transformers' per-layer switch: the
+        prompt keys and values reach the layer as a keyword and are tensors of this forward's
+        graph, which the non-reentrant form handles (the reentrant one would cut their gradient),
+        and the prompts' memo (``PromptKV.per_head``) is off wherever autograd records, so the
+        recomputing forward rebuilds the per-head prompts from the same tensors instead of
+        reusing another graph's. Applies in training mode with gradients only; ``generate`` and
+        evaluation run the layers as they are.
+        """
+        self.base.activation_checkpointing_enable({"use_reentrant": False})
+
     # ------------------------------------------------------------------ parameters
 
     def prompted_attentions(self) -> Iterator[PromptedLlamaAttention]:

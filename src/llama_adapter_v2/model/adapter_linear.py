@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from llama_adapter_v2.model.quantize import QuantizedLinear, factory_of
 from llama_adapter_v2.model.trainable import AdapterModule, Trainable
 
 ScalePosition = Literal["output", "input", "none"]
@@ -27,12 +28,13 @@ class AdaptedLinear(AdapterModule):
 
     ``b`` is the adapter bias added to the frozen bias (if the base has one); ``c`` is the LoRA
     scaling ``alpha / rank``. Every piece is optional so that MM (bias only on some layers),
-    C65 (input scale) and the paper (output scale) are all one class.
+    C65 (input scale) and the paper (output scale) are all one class. ``W`` may be stored
+    quantised (``QuantizedLinear``); every adapter tensor is in the compute dtype either way.
     """
 
     def __init__(
         self,
-        frozen: nn.Linear,
+        frozen: nn.Linear | QuantizedLinear,
         *,
         bias: bool,
         scale_position: ScalePosition,
@@ -42,7 +44,7 @@ class AdaptedLinear(AdapterModule):
         super().__init__()
         self.frozen = frozen
         out_features, in_features = frozen.out_features, frozen.in_features
-        factory = {"device": frozen.weight.device, "dtype": frozen.weight.dtype}
+        factory = factory_of(frozen)
         self.scale_position: ScalePosition = scale_position if bias else "none"
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         scale_width = in_features if self.scale_position == "input" else out_features
@@ -87,14 +89,19 @@ class AdaptedLinear(AdapterModule):
         bias = self._total_bias()
         if self.scale is not None and self.scale_position == "output":
             # s * (W x + b) as one GEMM and one fused multiply-add pass over the output.
-            y = functional.linear(x, self.frozen.weight)
+            y = self._frozen_linear(x, None)
             if self.lora_a is not None:
                 y = y + self._lora(x)
             return torch.addcmul(self.scale * bias, y, self.scale) if bias is not None else y * self.scale
-        y = functional.linear(x, self.frozen.weight, bias)
+        y = self._frozen_linear(x, bias)
         if self.lora_a is not None:
             y = y + self._lora(x)
         return y
+
+    def _frozen_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.frozen, QuantizedLinear):
+            return self.frozen.linear(x, bias)
+        return functional.linear(x, self.frozen.weight, bias)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
         assert self.lora_a is not None and self.lora_b is not None
@@ -102,7 +109,11 @@ class AdaptedLinear(AdapterModule):
 
     @torch.no_grad()
     def folded(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing the same function (docs/METHOD.md §7), LoRA merged too."""
+        """A plain ``nn.Linear`` computing the same function (docs/METHOD.md §7), LoRA merged too.
+
+        Only over a full-precision base (``model/fold.py`` refuses a quantised one).
+        """
+        assert not isinstance(self.frozen, QuantizedLinear)
         weight = self.frozen.weight.clone()
         if self.lora_a is not None and self.lora_b is not None:
             weight += (self.lora_b @ self.lora_a) * self.lora_scaling

@@ -27,6 +27,8 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
+from llama_adapter_v2.model.adapter_linear import AdaptedLinear
+from llama_adapter_v2.model.quantize import factory_of
 from llama_adapter_v2.model.trainable import AdapterModule, Group, Trainable
 
 PromptSource = Literal["visual", "adaptation"]
@@ -193,9 +195,10 @@ class PromptedLlamaAttention(AdapterModule):
 
 
 def _factory_of(attention: LlamaAttention) -> dict[str, Any]:
-    """Device and dtype of the frozen projections, so new parameters sit beside them."""
-    reference = next(attention.parameters())
-    return {"device": reference.device, "dtype": reference.dtype}
+    """Device and compute dtype of the frozen projections, so new parameters sit beside them
+    (a quantised base stores integer codes: its compute dtype is not a stored weight's)."""
+    projection = attention.o_proj
+    return factory_of(projection.frozen if isinstance(projection, AdaptedLinear) else projection)
 
 
 def _per_head(states: torch.Tensor, groups: int, batch: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ from transformers import (
 from llama_adapter_v2.config.layer_plan import plan_layers
 from llama_adapter_v2.config.loader import CLIP_MODEL_TYPES, LLAMA_MODEL_TYPES
 from llama_adapter_v2.config.schema import BaseLlamaConfig, Config, VisionTowerConfig
-from llama_adapter_v2.model.adapter import LlamaAdapterV2
+from llama_adapter_v2.model.adapter import LlamaAdapterV2, decoder_linears
+from llama_adapter_v2.model.quantize import quantize_linear
 from llama_adapter_v2.model.vision import ClipTower
 
 ARCH_ONLY_SEED = 0
@@ -104,8 +105,19 @@ def build_base(base: BaseLlamaConfig, *, device: torch.device, dtype: torch.dtyp
         model = LlamaForCausalLM.from_pretrained(
             folder, local_files_only=True, dtype=dtype, attn_implementation=base.attn_implementation
         )
-        return model.to(device).eval()
-    return _seeded_build(LlamaForCausalLM, config, device, dtype).eval()
+        return quantize_base(model.to(device), base).eval()
+    return quantize_base(_seeded_build(LlamaForCausalLM, config, device, dtype), base).eval()
+
+
+def quantize_base(model: LlamaForCausalLM, base: BaseLlamaConfig) -> LlamaForCausalLM:
+    """Replace the decoder linears by ``model.base.quantize``'s kind, one at a time (each
+    full-precision weight can be freed as soon as its quantised copy exists). Embeddings, norms
+    and the lm_head stay as they are. On the meta device nothing is quantised: only shapes count."""
+    if base.quantize == "none" or model.device.type == "meta":
+        return model
+    for owner, name in decoder_linears(model):
+        setattr(owner, name, quantize_linear(getattr(owner, name), base.quantize))
+    return model
 
 
 def _seeded_build(model_class: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Any:

@@ -22,6 +22,7 @@ from torch import nn
 from llama_adapter_v2.model.adapter import LlamaAdapterV2, decoder_linears
 from llama_adapter_v2.model.adapter_linear import AdaptedLinear
 from llama_adapter_v2.model.checkpoint import save_adapter
+from llama_adapter_v2.model.quantize import is_quantized
 
 FOLDED_BASE_DIR = "base"
 TOKENIZER_FILES = (
@@ -44,9 +45,24 @@ def _with_zero_bias(linear: nn.Linear) -> nn.Linear:
     return biased
 
 
+class QuantizedBaseFoldError(ValueError):
+    """Folding writes bias, scale and LoRA into the frozen weights: a quantised base cannot take them."""
+
+
+def refuse_quantized(model: LlamaAdapterV2) -> None:
+    if is_quantized(model.base):
+        kind = model.model_config.base.quantize if model.model_config is not None else "int8 or nf4"
+        raise QuantizedBaseFoldError(
+            f"model.base.quantize is {kind}: folding into a quantised base would lose the adapter in the "
+            "rounding; load the adapter onto the full-precision base (model.base.quantize: none, e.g. "
+            "in the adapter folder's adapter.json) and fold that"
+        )
+
+
 @torch.no_grad()
 def fold_adapter(model: LlamaAdapterV2) -> LlamaAdapterV2:
     """Fold in place; the model computes the same function with plain biased linears."""
+    refuse_quantized(model)
     for owner, name in decoder_linears(model.base):
         linear = getattr(owner, name)
         if isinstance(linear, AdaptedLinear):

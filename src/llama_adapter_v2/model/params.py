@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from llama_adapter_v2.model.adapter import LlamaAdapterV2
+from llama_adapter_v2.model.quantize import QuantizedLinear
 from llama_adapter_v2.model.trainable import GROUPS, KINDS, Group, Kind
 
 
@@ -37,7 +38,10 @@ def count_parameters(model: LlamaAdapterV2) -> ParameterCounts:
     by_group = {g: sum(kinds.values()) for g, kinds in by_group_and_kind.items()}
     by_kind = {k: sum(by_group_and_kind[g][k] for g in GROUPS) for k in KINDS}
     tower = sum(p.numel() for p in model.clip.parameters()) if model.clip is not None else 0
-    base = sum(p.numel() for p in model.base.parameters() if id(p) not in adapter_ids)
+    stored_quantised = _quantized_storage(model)
+    base = sum(p.numel() for p in model.base.parameters() if id(p) not in adapter_ids | stored_quantised)
+    base += sum(layer.in_features * layer.out_features for layer in model.base.modules()
+                if isinstance(layer, QuantizedLinear))  # a quantised weight counts as the weights it stores
     norms = by_kind["norm"]  # the norms are base weights that the method unfreezes
     return ParameterCounts(
         by_group=by_group,
@@ -47,3 +51,8 @@ def count_parameters(model: LlamaAdapterV2) -> ParameterCounts:
         base=base + norms,
         vision_tower=tower,
     )
+
+
+def _quantized_storage(model: LlamaAdapterV2) -> set[int]:
+    return {id(stored) for layer in model.base.modules() if isinstance(layer, QuantizedLinear)
+            for stored in layer.storage()}

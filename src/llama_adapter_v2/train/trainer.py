@@ -55,6 +55,8 @@ class Trainer:
         self.precision = Precision(ctx.device.type, self.training.precision)
         self.model = build_model(cfg, device=ctx.device, dtype=self.precision.frozen_dtype)
         keep_trainable_in_fp32(self.model.adapter_parameters())
+        if self.training.activation_checkpointing:  # before wrapping: FSDP2's hooks then stay outside it
+            self.model.enable_activation_checkpointing()
         self.model.set_trainable(GROUPS)
         # before the optimizers: FSDP replaces every parameter by its DTensor shard
         self.wrapped = wrap_for_training(LossOf(self.model), ctx, self.training)
