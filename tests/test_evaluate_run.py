@@ -191,6 +191,12 @@ def test_caption_loss_with_another_image_is_the_blind_control(tiny_run: dict[str
     assert blind["caption_loss_colour_words"] == blind["caption_loss_colour_words_shuffled_image"]
 
 
+def test_the_experiment_opens_on_its_runs_not_on_the_genai_overview(tiny_run: dict[str, Any]) -> None:
+    cfg = tiny_run["cfg"]
+    experiment = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri).get_experiment(ensure_experiment(cfg))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def _as_it_was(run: Any) -> tuple[Any, ...]:
     """What a later stage must not change in a training run: metrics, params, status and duration."""
     return (run.data.metrics, run.data.params, run.info.status, run.info.start_time, run.info.end_time)

@@ -107,14 +107,20 @@ def use_tracking(cfg: Config) -> MlflowClient:
     return use_store(tracking_uri(cfg))
 
 
+# MLflow's UI opens an experiment of no declared kind on its GenAI overview (traces, prompts);
+# a training project's experiment is declared one of model development, so it opens on its runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(cfg: Config) -> str:
-    """The id of ``tracking.experiment``, created with its artifact location when new."""
+    """The id of ``tracking.experiment``, created with its artifact location and kind when new."""
     client = use_tracking(cfg)
     found = client.get_experiment_by_name(cfg.tracking.experiment)
     if found is not None:
         return str(found.experiment_id)
     location = experiment_artifact_location(cfg)
-    return str(client.create_experiment(cfg.tracking.experiment, artifact_location=location))
+    return str(client.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                        tags=EXPERIMENT_KIND))
 
 
 # --------------------------------------------------------------------------- fetch
