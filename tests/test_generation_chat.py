@@ -25,6 +25,7 @@ from llama_adapter_v2.infer.chat import (
     ContextTooLongError,
     answer,
     conversation_prompt,
+    fit_history,
     reply,
 )
 from llama_adapter_v2.infer.generation import (
@@ -174,6 +175,51 @@ def test_chat_trims_oldest_exchanges_to_the_context_limit(tiny: tuple[Any, Any])
     assert tight.prompt_tokens == last_exchange
     with pytest.raises(ContextTooLongError, match="context limit of 20 tokens"):
         reply(model, tokenizer, None, "last question", history, settings=GREEDY, limit=20)
+
+
+def fit_history_one_exchange_at_a_time(tokenizer: Any, history: list[tuple[str, str]], question: str,
+                                       limit: int, max_new_tokens: int) -> tuple[Any, str, int]:
+    """The linear rule fit_history replaced: drop the oldest whole exchange until the prompt fits."""
+    kept = tuple(history)
+    while True:
+        text = conversation_prompt(kept, question)  # type: ignore[arg-type]
+        length = len(prompt_ids(tokenizer, text))
+        if length + max_new_tokens <= limit:
+            return kept, text, length
+        if not kept:
+            raise ContextTooLongError(str(length))
+        kept = kept[2 if len(kept) >= 2 and kept[0][0] == "user" else 1 :]
+
+
+class CountingTokenizer:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+        self.bos_token_id = tokenizer.bos_token_id
+
+    def encode(self, text: str, **options: Any) -> list[int]:
+        self.calls += 1
+        return self.tokenizer.encode(text, **options)
+
+
+def test_fit_history_keeps_what_dropping_one_exchange_at_a_time_kept(tiny: tuple[Any, Any]) -> None:
+    _, tokenizer = tiny
+    exchanges = [turn for i in range(40)
+                 for turn in [("user", f"question {i} " * (i % 3 + 1)), ("assistant", f"a{i}")]]
+    histories = [exchanges, [("assistant", "hello there"), *exchanges[:9]], exchanges[:1], [],
+                 [("assistant", "x"), ("assistant", "y"), *exchanges[:6], ("user", "dangling")]]
+    for history in histories:
+        full = len(prompt_ids(tokenizer, conversation_prompt(history, "last question")))  # type: ignore[arg-type]
+        for limit in (full + 4, full + 3, full - 7, full // 2, full // 5, 30, 12):
+            counting = CountingTokenizer(tokenizer)
+            try:
+                expected = fit_history_one_exchange_at_a_time(tokenizer, history, "last question", limit, 4)
+            except ContextTooLongError:
+                with pytest.raises(ContextTooLongError):
+                    fit_history(counting, history, "last question", "", limit=limit, max_new_tokens=4)  # type: ignore[arg-type]
+                continue
+            found = fit_history(counting, history, "last question", "", limit=limit, max_new_tokens=4)  # type: ignore[arg-type]
+            assert found == expected, (len(history), limit)
+            assert counting.calls <= 2 + (len(history) + 1).bit_length()  # not one per dropped exchange
 
 
 def test_session_trims_but_keeps_the_transcript(tiny: tuple[Any, Any], tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ a browser can load the page and be asked for the key. Bodies over ``max_body_byt
 before they are read whole (413), images over the pixel limits and any image that is not a data
 URL are refused (400), and every failure is answered in OpenAI's error shape while the server
 goes on. Generation happens on one worker thread (``worker``); the event loop only parses,
-checks and streams.
+checks and streams; parsing a body and fitting its conversation to the context (tokenizing) run
+on one thread of their own, so a large request never stalls ``/health`` or other streams.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -79,6 +80,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         data = json.loads(raw)
     except ValueError as err:
         raise APIError(400, f"body is not valid JSON ({err})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "body is nested too deeply", code="invalid_json") from None
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as err:
@@ -130,6 +133,8 @@ class ChatService:
                                      max_waiting=options.max_waiting)
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)  # the worker thread keeps the model's own
         self.limit = context_limit(loaded.model)
+        # one thread: the prompt tokenizer is used by it alone, and parsing waits there, not on the loop
+        self.preparing = ThreadPoolExecutor(1, thread_name_prefix="lav2-prepare")
 
     async def check_key(self, request: Request) -> None:
         key = self.options.api_key
@@ -139,6 +144,14 @@ class ChatService:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
                            code="invalid_api_key")
+
+    async def prepared(self, raw: bytes) -> tuple[ChatRequest, FittedPrompt]:
+        """The parsed body and its fitted prompt, worked out on the preparing thread."""
+        def prepare() -> tuple[ChatRequest, FittedPrompt]:
+            body = parse_chat_request(raw)
+            return body, self.fitted(body)
+
+        return await asyncio.get_running_loop().run_in_executor(self.preparing, prepare)
 
     def fitted(self, body: ChatRequest) -> FittedPrompt:
         if body.model != self.card.id:
@@ -203,8 +216,7 @@ def v1_routes(service: ChatService) -> APIRouter:
 
     @v1.post("/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        body = parse_chat_request(await read_body(request, service.options.max_body_bytes))
-        fitted = service.fitted(body)
+        body, fitted = await service.prepared(await read_body(request, service.options.max_body_bytes))
         if body.stream:
             return service.stream(fitted, bool(body.stream_options and body.stream_options.include_usage))
         return await service.answer(fitted)
@@ -230,6 +242,7 @@ def create_app(loaded: LoadedModel, card: ModelCard, options: ServeOptions) -> F
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.queue.start()
         yield
+        service.preparing.shutdown(wait=False, cancel_futures=True)
         service.queue.close()
 
     # no /docs: FastAPI's documentation pages load their scripts from a CDN
