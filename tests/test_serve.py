@@ -273,6 +273,37 @@ def test_malformed_json_wrong_shapes_and_long_contexts_are_refused_in_openai_sha
         ask(client, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
 
 
+def test_requests_that_once_were_500s_are_refused_or_answered(server: str, client: openai.OpenAI,
+                                                               loaded: LoadedModel) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = f"{server}/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    nested = httpx.post(url, headers=headers, content=b'{"model": "x", "messages": ' + b"[" * 30_000)
+    assert nested.status_code == 400 and nested.json()["error"]["code"] == "invalid_json"
+    for body, param in [({"model": NAME, "messages": hi, "seed": 2**63}, "seed"),
+                        ({"model": NAME, "messages": hi, "seed": -(2**63) - 1}, "seed"),
+                        ({"model": NAME, "messages": hi * 257}, "messages")]:
+        shaped = httpx.post(url, headers=headers, json=body)
+        assert shaped.status_code == 422 and shaped.json()["error"]["param"] == param, body
+    no_comma = {"type": "image_url", "image_url": {"url": "data:image/png;base64"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, [{"role": "user", "content": [{"type": "text", "text": QUESTION}, no_comma]}])
+    assert refused.value.code == "invalid_image_url"
+    tiny_temperature = ask(client, [{"role": "user", "content": "Describe it."}], temperature=1e-300,
+                           seed=2**62)
+    assert tiny_temperature.choices[0].message.content == expected(loaded, "Describe it.")  # greedy
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_a_second_image_is_refused_before_any_image_is_decoded(client: openai.OpenAI) -> None:
+    broken = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
+    parts = [{"type": "image_url", "image_url": {"url": broken}}] * 40
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, [{"role": "user", "content": [{"type": "text", "text": QUESTION}, *parts]}])
+    assert "one image per conversation" in refused.value.message  # not "invalid_image": none was decoded
+    assert refused.value.param == "messages[0].content"
+
+
 def test_concurrent_clients_each_get_their_own_answer(client: openai.OpenAI, loaded: LoadedModel) -> None:
     questions = (QUESTION, "Describe it.", "What colour is the sky?")
     asks = [(q, image) for q in questions for image in (RED, BLUE, None)]

@@ -27,9 +27,15 @@ log = logging.getLogger(__name__)
 _LAST_WORD = re.compile(r"\s+\S*$")
 
 
+GREEDY_BELOW = 1e-5  # logits divided by a smaller temperature overflow to inf, probabilities to nan
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """``temperature == 0`` is greedy decoding; otherwise sampling with nucleus ``top_p``."""
+    """``temperature == 0`` is greedy decoding; otherwise sampling with nucleus ``top_p``.
+
+    A temperature below ``GREEDY_BELOW`` is greedy decoding, which is what it tends to anyway.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -43,6 +49,8 @@ class GenerationSettings:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
