@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from llama_adapter_v2.infer.generation import (
     Prompt,
     caption_prompt,
     cut_at_stop,
+    generate_completions,
+    generate_streamed,
     generate_texts,
     instruction_prompt,
     prompt_ids,
@@ -106,6 +109,32 @@ def test_stop_string_cuts_the_answer(tiny: tuple[Any, Any]) -> None:
     assert cut_at_stop("no stop here ", ["###"]) == "no stop here"
 
 
+def test_token_counts_do_not_depend_on_the_batch_when_padding_is_eos(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    padded_with_eos = copy.deepcopy(tokenizer)
+    padded_with_eos.pad_token = padded_with_eos.eos_token  # as for Llama tokenizers without a pad token
+    stopping, running = prompts()[1], prompts()[0]
+    free, other = generate_texts(model, tokenizer, [stopping, running], GenerationSettings(max_new_tokens=16,
+                                                                                         stop=()))
+    stop = next(free[i : i + 2] for i in range(len(free) - 1) if free[i : i + 2] not in other)
+    settings = GenerationSettings(max_new_tokens=16, stop=(stop,))
+    alone = [generate_completions(model, padded_with_eos, [p], settings)[0] for p in (stopping, running)]
+    together = generate_completions(model, padded_with_eos, [stopping, running], settings)
+    assert alone[0].stopped and alone[0].new_tokens < alone[1].new_tokens  # it ends early in the batch
+    assert together == alone
+
+
+def test_generation_ends_once_cancelled(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=24, stop=())
+    whole = generate_streamed(model, tokenizer, prompts()[0], settings, lambda _: None)
+    pieces: list[str] = []
+    cut = generate_streamed(model, tokenizer, prompts()[0], settings, pieces.append,
+                            cancelled=lambda: bool(pieces))
+    assert whole.new_tokens == 24 and 0 < cut.new_tokens < whole.new_tokens
+    assert whole.text.startswith(cut.text) and not cut.stopped
+
+
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy(tiny: tuple[Any, Any]) -> None:
     model, tokenizer = tiny
     batch = prompts()[:2]
@@ -130,6 +159,7 @@ def test_bad_settings_are_refused() -> None:
         GenerationSettings(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0)
+    assert GenerationSettings(temperature=1e-300).temperature == 0.0  # greedy, not inf/nan probabilities
 
 
 def test_chat_keeps_history_and_matches_the_stateless_answer(tiny: tuple[Any, Any]) -> None:
