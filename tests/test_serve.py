@@ -12,6 +12,8 @@ import io
 import os
 import shutil
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +44,7 @@ from llama_adapter_v2.infer.loading import LoadedModel, load_for_inference
 from llama_adapter_v2.model.build import build_model
 from llama_adapter_v2.model.checkpoint import save_adapter
 from llama_adapter_v2.serve.served import load_served
-from llama_adapter_v2.serve.worker import GenerationQueue, QueueFullError
+from llama_adapter_v2.serve.worker import GenerationQueue, QueueFullError, ShuttingDownError
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "serve-test-key"
@@ -343,6 +345,57 @@ def test_the_queue_batches_waiting_greedy_requests_and_runs_others_alone(loaded:
     assert "".join(pieces) == found[5].text == alone[2]
     # 3 greedy together, the 4th greedy alone (max_batch), the sampled and the streamed alone
     assert (queue.stats.batches, queue.stats.largest_batch, queue.stats.answered) == (4, 3, 6)
+
+
+def test_prompts_with_and_without_an_image_are_not_batched_together(loaded: LoadedModel) -> None:
+    queue = GenerationQueue(loaded.model, loaded.tokenizer, max_batch=3)
+    greedy = GenerationSettings(max_new_tokens=4)
+    prompts = [instruction_prompt("Describe it."), Prompt(instruction_prompt(QUESTION).text, RED),
+               instruction_prompt("What colour is the sky?")]
+    futures = [queue.submit(p, greedy) for p in prompts]
+    queue.start()
+    try:
+        [future.result(timeout=120) for future in futures]
+    finally:
+        queue.close()
+    assert (queue.stats.batches, queue.stats.largest_batch) == (2, 2)
+
+
+def test_shutdown_refuses_waiting_requests_and_ends_the_running_one(loaded: LoadedModel) -> None:
+    queue = GenerationQueue(loaded.model, loaded.tokenizer, max_batch=1)
+    long = GenerationSettings(max_new_tokens=100, stop=())
+    started = threading.Event()
+
+    def hold_on(_: str) -> None:  # the first answer is still being generated when close() is called
+        started.set()
+        queue._stopping.wait(30)
+
+    futures = [queue.submit(instruction_prompt("Describe it."), long, hold_on)]
+    futures += [queue.submit(instruction_prompt(f"Question {i}"), long) for i in range(4)]
+    queue.start()
+    assert started.wait(120)
+    began = time.monotonic()
+    queue.close(timeout_s=30)
+    assert time.monotonic() - began < 30 and not queue._thread.is_alive()
+    for future in futures:
+        with pytest.raises(ShuttingDownError):
+            future.result(timeout=1)
+    with pytest.raises(ShuttingDownError):
+        queue.submit(instruction_prompt("Too late."), long)
+
+
+def test_a_cancelled_stream_stops_generating(loaded: LoadedModel) -> None:
+    queue = GenerationQueue(loaded.model, loaded.tokenizer)
+    settings = GenerationSettings(max_new_tokens=60, stop=())
+    client_gone = threading.Event()
+    future = queue.submit(instruction_prompt("Describe it."), settings, lambda _: None, client_gone)
+    client_gone.set()  # the client left while its request waited
+    queue.start()
+    try:
+        cut = future.result(timeout=120)
+    finally:
+        queue.close()
+    assert cut.new_tokens == 1 and queue.stats.cancelled == 1  # ended after the first token
 
 
 @pytest.mark.parametrize("stop", [(), (CHAT_SEPARATOR,), ("e",), (" ",), ("qq", "\n")])

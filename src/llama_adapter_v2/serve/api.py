@@ -17,6 +17,7 @@ import copy
 import hmac
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +38,7 @@ from llama_adapter_v2.serve.conversation import Defaults, FittedPrompt, chat_inp
 from llama_adapter_v2.serve.errors import APIError, install_handlers, validation_error
 from llama_adapter_v2.serve.schema import ChatRequest
 from llama_adapter_v2.serve.served import ModelCard
-from llama_adapter_v2.serve.worker import GenerationQueue, QueueFullError
+from llama_adapter_v2.serve.worker import GenerationQueue, QueueFullError, ShuttingDownError
 
 API_KEY_VARIABLE = "LAV2_API_KEY"
 MIB = 1024 * 1024
@@ -119,6 +120,10 @@ def usage(completion: Completion, prompt_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion.new_tokens}
 
 
+def unavailable(err: BaseException | None) -> APIError:
+    return APIError(503, f"server busy: {err}; retry later", type="server_error", code="overloaded")
+
+
 def event(data: dict[str, Any] | str) -> str:
     """One server-sent event as OpenAI sends it: a ``data:`` line and a blank line."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
@@ -164,16 +169,18 @@ class ChatService:
         return fitted_prompt(body, chat, self.prompt_tokenizer, limit=self.limit,
                              defaults=self.options.defaults, seed=seed)
 
-    def submit(self, fitted: FittedPrompt, on_text: Callable[[str], None] | None = None
-               ) -> Future[Completion]:
+    def submit(self, fitted: FittedPrompt, on_text: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None) -> Future[Completion]:
         try:
-            return self.queue.submit(fitted.prompt, fitted.settings, on_text)
+            return self.queue.submit(fitted.prompt, fitted.settings, on_text, cancel)
         except QueueFullError as err:
-            raise APIError(503, f"server busy: {err}; retry later", type="server_error",
-                           code="overloaded") from None
+            raise unavailable(err) from None
 
     async def answer(self, fitted: FittedPrompt) -> JSONResponse:
-        completion = await asyncio.wrap_future(self.submit(fitted))
+        try:
+            completion = await asyncio.wrap_future(self.submit(fitted))
+        except ShuttingDownError as err:
+            raise unavailable(err) from None
         return JSONResponse(Answer(self.card.id).body(completion, fitted.prompt_tokens))
 
     def stream(self, fitted: FittedPrompt, include_usage: bool) -> StreamingResponse:
@@ -181,15 +188,23 @@ class ChatService:
         full queue is still a 503 and not a broken stream."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        future = self.submit(fitted, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        client_gone = threading.Event()
+        future = self.submit(fitted, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
+                             client_gone)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         answer = Answer(self.card.id)
 
         async def events() -> AsyncIterator[str]:
-            yield answer.chunk({"role": "assistant", "content": ""})
-            while (piece := await pieces.get()) is not None:
-                yield answer.chunk({"content": piece})
-            if future.exception() is not None:
+            try:
+                yield answer.chunk({"role": "assistant", "content": ""})
+                while (piece := await pieces.get()) is not None:
+                    yield answer.chunk({"content": piece})
+            finally:  # closed or cancelled before the end: the client has gone, stop generating
+                if not future.done():
+                    client_gone.set()
+            if isinstance(future.exception(), ShuttingDownError):
+                yield event(unavailable(future.exception()).body())
+            elif future.exception() is not None:
                 yield event(APIError(500, "generation failed", type="server_error").body())
             else:
                 completion = future.result()
@@ -207,7 +222,8 @@ class ChatService:
         return {"status": "ok", "model": self.card.id, "version": self.card.version,
                 "alias": self.card.alias, "auth": self.options.api_key is not None,
                 "waiting": self.queue.waiting,
-                "answered": stats.answered, "batches": stats.batches, "largest_batch": stats.largest_batch}
+                "answered": stats.answered, "batches": stats.batches, "largest_batch": stats.largest_batch,
+                "cancelled": stats.cancelled}
 
 
 def v1_routes(service: ChatService) -> APIRouter:
