@@ -428,6 +428,12 @@ def test_a_registry_alias_is_served_as_the_version_it_names(tmp_path: Path, adap
     assert all(torch.equal(value, saved[name]) for name, value in model.model.adapter_state_dict().items())
     _, by_number = load_served("models:/served/2", tracking_uri=uri, name="pinned")
     assert (by_number.id, by_number.version, by_number.alias) == ("pinned", "2", None)
+    client.create_model_version("served", f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    _, latest = load_served("models:/served/latest", tracking_uri=uri)
+    assert (latest.id, latest.version, latest.alias) == ("served/latest", "3", None)
+    client.create_registered_model("empty")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="has no versions"):
+        load_served("models:/empty/latest", tracking_uri=uri)
     _, by_run = load_served(f"runs:/{run.info.run_id}", tracking_uri=uri)
     assert (by_run.version, by_run.run_id) == (None, run.info.run_id)
 
