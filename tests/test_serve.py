@@ -454,7 +454,8 @@ def browser(require: Callable[[bool, str], None]) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only where chromium is there
 
     with sync_playwright() as driver:
-        launched = driver.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        launched = driver.chromium.launch(executable_path=chromium, headless=True,
+                                         args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield launched
         launched.close()
 
