@@ -134,6 +134,7 @@ def test_the_openai_client_gets_the_library_answer_about_an_image(client: openai
 
 
 def test_a_streamed_answer_joins_to_the_unstreamed_one(client: openai.OpenAI) -> None:
+    most_words = 0
     for image in (RED, BLUE):  # red's answer has two words, blue's one
         whole = ask(client, [image_message(QUESTION, image)])
         chunks = list(ask(client, [image_message(QUESTION, image)], stream=True,
@@ -141,11 +142,13 @@ def test_a_streamed_answer_joins_to_the_unstreamed_one(client: openai.OpenAI) ->
         pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert "".join(pieces) == whole.choices[0].message.content
         words = len(whole.choices[0].message.content.split())
+        most_words = max(most_words, words)
         assert len(pieces) >= min(words, 2)  # word by word, not in one piece at the end
         assert chunks[0].choices[0].delta.role == "assistant"
         finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finals == [whole.choices[0].finish_reason]
         assert chunks[-1].usage is not None and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert most_words >= 2  # so some answer had to come in more than one piece
 
 
 def test_earlier_turns_are_the_conversation(client: openai.OpenAI, loaded: LoadedModel) -> None:
@@ -306,7 +309,8 @@ def test_a_second_image_is_refused_before_any_image_is_decoded(client: openai.Op
     assert refused.value.param == "messages[0].content"
 
 
-def test_concurrent_clients_each_get_their_own_answer(client: openai.OpenAI, loaded: LoadedModel) -> None:
+def test_concurrent_clients_each_get_their_own_answer(server: str, client: openai.OpenAI,
+                                                      loaded: LoadedModel) -> None:
     questions = (QUESTION, "Describe it.", "What colour is the sky?")
     asks = [(q, image) for q in questions for image in (RED, BLUE, None)]
 
@@ -315,9 +319,13 @@ def test_concurrent_clients_each_get_their_own_answer(client: openai.OpenAI, loa
         message = image_message(question, image) if image else {"role": "user", "content": question}
         return ask(client, [message]).choices[0].message.content
 
+    before = httpx.get(server + "/health").json()
     with ThreadPoolExecutor(max_workers=len(asks)) as pool:
         answers = list(pool.map(one, asks))
+    after = httpx.get(server + "/health").json()
     assert answers == [expected(loaded, question, image) for question, image in asks]
+    assert after["answered"] - before["answered"] == len(asks)
+    assert after["batches"] - before["batches"] < len(asks) and after["largest_batch"] > 1  # some batched
 
 
 # --------------------------------------------------------------------------- in process
@@ -519,7 +527,8 @@ def test_the_load_benchmark_counts_what_the_server_answered(server: str) -> None
     level = measure_level(server, request_body(NAME, 4), clients=3, requests=5,
                           headers={"Authorization": f"Bearer {KEY}"})
     assert (level["answered"], level["failed"]) == (5, 0)
-    assert level["p50_s"] <= level["p95_s"] and level["requests_per_s"] > 0
+    assert 0 < level["p50_s"] <= level["p95_s"] <= level["wall_s"]  # each request within the level's time
+    assert level["requests_per_s"] == pytest.approx(5 / level["wall_s"])
     refused = measure_level(server, request_body(NAME, 4), clients=2, requests=2)  # no key
     assert (refused["answered"], refused["failed"]) == (0, 2) and refused["failures"][0].startswith("401")
     table = markdown({"started_utc": "now", "model": NAME, "max_tokens": 4, "threads": 2, "max_batch": 8,
