@@ -175,7 +175,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"request; server: {result['threads']} torch threads, --max-batch {result['max_batch']}; "
         f"{result['machine']}; load average before: {result['load_average_1m']:.2f}.",
         "",
-        "| clients | requests | answered | failed | requests/s | p50 s | p95 s | batches | largest batch |",
+        "| clients | requests | answered | failed | requests/s | p50 s | p95 s | batches "
+        "| largest batch so far |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in result["levels"]:

@@ -290,7 +290,6 @@ def test_stage_writes_clean_quarantine_reports_and_data_docs(demo_data_config: C
         "instruction_input": 20, "instruction_clean": 19, "instruction_quarantined": 1,
         "instruction_failure_fraction": 0.05, "instruction_duplicates": 0,
         "instruction_rule_output_not_empty": 1}
-    assert pipeline.tracking_metrics(metrics)["data_instruction_rule_output_not_empty"] == 1.0
 
     # great-expectations' Data Docs: every expectation with its limits, the failing id, the data
     docs = paths.data_docs

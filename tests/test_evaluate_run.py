@@ -19,6 +19,7 @@ from llama_adapter_v2.data.formatting import encode_record
 from llama_adapter_v2.data.records import Record, Turn, caption_record
 from llama_adapter_v2.data.shards import write_split
 from llama_adapter_v2.evaluate.instruction_metrics import InstructionSample, score_instructions
+from llama_adapter_v2.evaluate.report import pipeline_report
 from llama_adapter_v2.evaluate.run import EvalOptions, evaluate
 from llama_adapter_v2.infer.chat import ChatSession
 from llama_adapter_v2.infer.generation import GenerationSettings, generate_texts, instruction_prompt
@@ -276,3 +277,13 @@ def test_a_training_run_loads_for_inference_from_its_adapter_artifact(tiny_run: 
     saved = tiny_run["model"].adapter_state_dict()
     assert all(torch.equal(value, saved[name]) for name, value in loaded.model.adapter_state_dict().items())
     assert not loaded.model.training
+
+
+def test_the_pipeline_report_prints_counts_as_whole_numbers() -> None:
+    report = pipeline_report(
+        validation={"caption_input": 1_000_000, "caption_clean": 999_990, "caption_quarantined": 10,
+                    "caption_duplicates": 0},
+        metrics={"caption_cider": 0.5}, baseline={"caption_cider": 0.25}, names=["caption_cider"],
+        decision={"outcome": "promoted", "reason": "better"}, version={"name": "m", "version": "3"},
+        data_hash="abc", run_link="http://127.0.0.1/run")
+    assert "| caption | 1000000 | 999990 | 10 | 0 |" in report and "e+" not in report

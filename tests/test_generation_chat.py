@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from llama_adapter_v2.infer.chat import (
     ContextTooLongError,
     answer,
     conversation_prompt,
+    fit_history,
     reply,
 )
 from llama_adapter_v2.infer.generation import (
@@ -32,6 +34,8 @@ from llama_adapter_v2.infer.generation import (
     Prompt,
     caption_prompt,
     cut_at_stop,
+    generate_completions,
+    generate_streamed,
     generate_texts,
     instruction_prompt,
     prompt_ids,
@@ -105,6 +109,32 @@ def test_stop_string_cuts_the_answer(tiny: tuple[Any, Any]) -> None:
     assert cut_at_stop("no stop here ", ["###"]) == "no stop here"
 
 
+def test_token_counts_do_not_depend_on_the_batch_when_padding_is_eos(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    padded_with_eos = copy.deepcopy(tokenizer)
+    padded_with_eos.pad_token = padded_with_eos.eos_token  # as for Llama tokenizers without a pad token
+    stopping, running = prompts()[1], prompts()[0]
+    free, other = generate_texts(model, tokenizer, [stopping, running], GenerationSettings(max_new_tokens=16,
+                                                                                         stop=()))
+    stop = next(free[i : i + 2] for i in range(len(free) - 1) if free[i : i + 2] not in other)
+    settings = GenerationSettings(max_new_tokens=16, stop=(stop,))
+    alone = [generate_completions(model, padded_with_eos, [p], settings)[0] for p in (stopping, running)]
+    together = generate_completions(model, padded_with_eos, [stopping, running], settings)
+    assert alone[0].stopped and alone[0].new_tokens < alone[1].new_tokens  # it ends early in the batch
+    assert together == alone
+
+
+def test_generation_ends_once_cancelled(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=24, stop=())
+    whole = generate_streamed(model, tokenizer, prompts()[0], settings, lambda _: None)
+    pieces: list[str] = []
+    cut = generate_streamed(model, tokenizer, prompts()[0], settings, pieces.append,
+                            cancelled=lambda: bool(pieces))
+    assert whole.new_tokens == 24 and 0 < cut.new_tokens < whole.new_tokens
+    assert whole.text.startswith(cut.text) and not cut.stopped
+
+
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy(tiny: tuple[Any, Any]) -> None:
     model, tokenizer = tiny
     batch = prompts()[:2]
@@ -129,6 +159,7 @@ def test_bad_settings_are_refused() -> None:
         GenerationSettings(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0)
+    assert GenerationSettings(temperature=1e-300).temperature == 0.0  # greedy, not inf/nan probabilities
 
 
 def test_chat_keeps_history_and_matches_the_stateless_answer(tiny: tuple[Any, Any]) -> None:
@@ -174,6 +205,51 @@ def test_chat_trims_oldest_exchanges_to_the_context_limit(tiny: tuple[Any, Any])
     assert tight.prompt_tokens == last_exchange
     with pytest.raises(ContextTooLongError, match="context limit of 20 tokens"):
         reply(model, tokenizer, None, "last question", history, settings=GREEDY, limit=20)
+
+
+def fit_history_one_exchange_at_a_time(tokenizer: Any, history: list[tuple[str, str]], question: str,
+                                       limit: int, max_new_tokens: int) -> tuple[Any, str, int]:
+    """The linear rule fit_history replaced: drop the oldest whole exchange until the prompt fits."""
+    kept = tuple(history)
+    while True:
+        text = conversation_prompt(kept, question)  # type: ignore[arg-type]
+        length = len(prompt_ids(tokenizer, text))
+        if length + max_new_tokens <= limit:
+            return kept, text, length
+        if not kept:
+            raise ContextTooLongError(str(length))
+        kept = kept[2 if len(kept) >= 2 and kept[0][0] == "user" else 1 :]
+
+
+class CountingTokenizer:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+        self.bos_token_id = tokenizer.bos_token_id
+
+    def encode(self, text: str, **options: Any) -> list[int]:
+        self.calls += 1
+        return self.tokenizer.encode(text, **options)
+
+
+def test_fit_history_keeps_what_dropping_one_exchange_at_a_time_kept(tiny: tuple[Any, Any]) -> None:
+    _, tokenizer = tiny
+    exchanges = [turn for i in range(40)
+                 for turn in [("user", f"question {i} " * (i % 3 + 1)), ("assistant", f"a{i}")]]
+    histories = [exchanges, [("assistant", "hello there"), *exchanges[:9]], exchanges[:1], [],
+                 [("assistant", "x"), ("assistant", "y"), *exchanges[:6], ("user", "dangling")]]
+    for history in histories:
+        full = len(prompt_ids(tokenizer, conversation_prompt(history, "last question")))  # type: ignore[arg-type]
+        for limit in (full + 4, full + 3, full - 7, full // 2, full // 5, 30, 12):
+            counting = CountingTokenizer(tokenizer)
+            try:
+                expected = fit_history_one_exchange_at_a_time(tokenizer, history, "last question", limit, 4)
+            except ContextTooLongError:
+                with pytest.raises(ContextTooLongError):
+                    fit_history(counting, history, "last question", "", limit=limit, max_new_tokens=4)  # type: ignore[arg-type]
+                continue
+            found = fit_history(counting, history, "last question", "", limit=limit, max_new_tokens=4)  # type: ignore[arg-type]
+            assert found == expected, (len(history), limit)
+            assert counting.calls <= 2 + (len(history) + 1).bit_length()  # not one per dropped exchange
 
 
 def test_session_trims_but_keeps_the_transcript(tiny: tuple[Any, Any], tmp_path: Path) -> None:

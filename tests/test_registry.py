@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
@@ -183,7 +184,8 @@ def test_a_version_that_does_not_beat_the_zero_init_baseline_is_refused_even_fir
     assert tags["evaluation"] == "passed"
 
 
-def test_a_guard_metric_that_falls_too_far_keeps_the_champion(store_cfg: Config, adapter_dir: Path) -> None:
+def test_a_guard_metric_that_falls_too_far_keeps_the_champion(store_cfg: Config, adapter_dir: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     cfg = _gated(store_cfg, "guards", margin=0.0, guards={"instruction_exact_match": 0.05})
     champion = _new_version(cfg, adapter_dir, {"caption_cider": 0.5, "instruction_exact_match": 0.25})
     assert promote(cfg, champion).outcome == "promoted"
@@ -200,7 +202,9 @@ def test_a_guard_metric_that_falls_too_far_keeps_the_champion(store_cfg: Config,
                                f"and @champion version {champion}'s 0.5 by more than 0 (higher is better); "
                                "guards held: instruction_exact_match")
     assert _champion(cfg) == within
-    unguarded = _new_version(cfg, adapter_dir, {"caption_cider": 0.875})
+    with caplog.at_level(logging.WARNING, logger="llama_adapter_v2.registry.register"):
+        unguarded = _new_version(cfg, adapter_dir, {"caption_cider": 0.875})
+    assert "the evaluation recorded no instruction_exact_match" in caplog.text
     decision = promote(cfg, unguarded)
     assert decision.outcome == "kept"
     assert decision.reason.endswith("guard instruction_exact_match is None")
@@ -210,29 +214,29 @@ def test_a_lower_is_better_guard_holds_against_a_rise_and_a_bare_tolerance_stays
     store_cfg: Config, adapter_dir: Path
 ) -> None:
     guards = {"instruction_exact_match": 0.05,
-              "instruction_holdout_loss": {"tolerance": 0.25, "greater_is_better": False}}
+              "instruction_loss": {"tolerance": 0.25, "greater_is_better": False}}
     cfg = _gated(store_cfg, "loss-guard", margin=0.0, guards=guards)
     assert cfg.tracking.promotion.guards == {
         "instruction_exact_match": GuardConfig(tolerance=0.05, greater_is_better=True),
-        "instruction_holdout_loss": GuardConfig(tolerance=0.25, greater_is_better=False)}
+        "instruction_loss": GuardConfig(tolerance=0.25, greater_is_better=False)}
     champion = _new_version(cfg, adapter_dir, {"caption_cider": 0.5, "instruction_exact_match": 0.25,
-                                               "instruction_holdout_loss": 2.0})
+                                               "instruction_loss": 2.0})
     assert promote(cfg, champion).outcome == "promoted"
     # a lower loss is no fall, however far it goes: only a rise is held against the guard
     better_loss = _new_version(cfg, adapter_dir, {"caption_cider": 0.625, "instruction_exact_match": 0.25,
-                                                  "instruction_holdout_loss": 1.0})
+                                                  "instruction_loss": 1.0})
     decision = promote(cfg, better_loss)
     assert decision.outcome == "promoted", decision.reason
-    assert decision.reason.endswith("guards held: instruction_exact_match, instruction_holdout_loss")
+    assert decision.reason.endswith("guards held: instruction_exact_match, instruction_loss")
     worse_loss = _new_version(cfg, adapter_dir, {"caption_cider": 0.75, "instruction_exact_match": 0.25,
-                                                 "instruction_holdout_loss": 1.5})
+                                                 "instruction_loss": 1.5})
     decision = promote(cfg, worse_loss)
     assert decision.outcome == "kept"
     assert decision.reason == (f"version {worse_loss} caption_cider 0.75 beats the gate, but guard "
-                               "instruction_holdout_loss 1.5 rose 0.5 above "
+                               "instruction_loss 1.5 rose 0.5 above "
                                f"@champion version {better_loss}'s 1 (tolerance 0.25; lower is better)")
     within = _new_version(cfg, adapter_dir, {"caption_cider": 0.75, "instruction_exact_match": 0.25,
-                                             "instruction_holdout_loss": 1.25})
+                                             "instruction_loss": 1.25})
     assert promote(cfg, within).outcome == "promoted"  # rose exactly the tolerance: held
     assert _champion(cfg) == within
     tags = use_tracking(cfg).get_model_version(cfg.tracking.registered_model, worse_loss).tags

@@ -13,7 +13,14 @@ from PIL import Image
 
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.config.schema import ValidationConfig
-from llama_adapter_v2.registry.requests import ImageLimits, RequestError, decode_image
+from llama_adapter_v2.registry.requests import (
+    ImageLimits,
+    NotADataURLError,
+    RequestError,
+    decode_data_url,
+    decode_image,
+    image_from_bytes,
+)
 
 NOT_A_PATH = "image: neither an existing file path inside the served image folders"
 
@@ -84,3 +91,42 @@ def test_a_decompression_bomb_header_is_a_400_not_a_crash() -> None:
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     with pytest.raises(RequestError, match="exceeds the limits"):
         decode_image(base64.b64encode(bytes(data)).decode(), limits())
+
+
+def encoded(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("image_format", ["TIFF", "PPM", "ICO", "TGA"])
+def test_only_the_common_web_formats_are_parsed(image_format: str) -> None:
+    raw = encoded(Image.new("RGB", (16, 16), "red"), image_format)
+    with pytest.raises(RequestError, match="not a readable image"):
+        decode_image(base64.b64encode(raw).decode(), limits())
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_the_common_web_formats_are_read_from_data_urls(image_format: str) -> None:
+    raw = encoded(Image.new("RGB", (16, 16), "red"), image_format)
+    url = f"data:image/{image_format.lower()};base64," + base64.b64encode(raw).decode()
+    assert decode_image(url, limits()).size == (16, 16)
+    assert image_from_bytes(decode_data_url(url, 1 << 20), limits()).mode == "RGB"
+
+
+@pytest.mark.parametrize("url", ["data:image/png;base64", "data:image/png", "data:image/png,abc",
+                                 "data:text/plain;base64,aGk="])
+def test_a_malformed_data_url_is_a_request_error(url: str) -> None:
+    with pytest.raises(NotADataURLError, match="only data:image"):
+        decode_data_url(url, 1 << 20)
+    if url.startswith("data:image/"):
+        with pytest.raises(RequestError, match="only data:image"):  # was IndexError (a 500)
+            decode_image(url, limits())
+
+
+def test_the_pixel_limit_is_checked_before_pixels_are_decoded() -> None:
+    raw = png((64, 64))
+    truncated = raw[: len(raw) // 2]  # a header that says 64x64, then too little data to decode
+    small = ImageLimits(max_bytes=1 << 20, max_side=4096, max_pixels=32 * 32)
+    with pytest.raises(RequestError, match="64x64 exceeds the limits"):
+        image_from_bytes(truncated, small)

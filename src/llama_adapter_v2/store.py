@@ -21,6 +21,9 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from llama_adapter_v2.config.schema import Config
 from llama_adapter_v2.environment import project_root
@@ -171,7 +174,8 @@ class PinnedVersion:
 
 
 def pinned_version(source: str, tracking: str | None = None) -> PinnedVersion | None:
-    """The version ``models:/name@alias`` or ``models:/name/<version>`` names now; None for other sources."""
+    """The version ``models:/name@alias``, ``models:/name/<version>`` or ``models:/name/latest`` (the
+    highest version, as MLflow reads it) names now; None for other sources."""
     if not source.startswith(REGISTRY_PREFIX):
         return None
     client = use_store(tracking or default_tracking_uri())
@@ -181,8 +185,16 @@ def pinned_version(source: str, tracking: str | None = None) -> PinnedVersion | 
         found = client.get_model_version_by_alias(name, alias)
     else:
         name, _, number = path.partition("/")
-        alias, found = None, client.get_model_version(name, number)
+        latest = number == "latest"
+        alias, found = None, _latest(client, name) if latest else client.get_model_version(name, number)
     return PinnedVersion(name=name, version=str(found.version), alias=alias, run_id=found.run_id)
+
+
+def _latest(client: MlflowClient, name: str) -> ModelVersion:
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise MlflowException(f"registered model {name!r} has no versions", RESOURCE_DOES_NOT_EXIST)
+    return max(versions, key=lambda found: int(found.version))
 
 
 def download(source: str, tracking: str | None = None, dst: Path | None = None) -> Path:

@@ -275,11 +275,6 @@ def metric_name(rule: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in rule.lower())
 
 
-def tracking_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """``validation-metrics.json`` as MLflow metrics, e.g. ``data_caption_orphan_captions``."""
-    return {f"data_{name}": float(value) for name, value in metrics.items()}
-
-
 # --------------------------------------------------------------------------- shard
 
 

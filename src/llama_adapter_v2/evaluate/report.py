@@ -49,6 +49,11 @@ def against_baseline(
 COUNTED = ("input", "clean", "quarantined", "duplicates")  # of validation-metrics.json, per kind
 
 
+def _count(value: float) -> str:
+    """A count as a whole number (``:g`` would print a million as ``1e+06``)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def pipeline_report(*, validation: Mapping[str, float], metrics: Mapping[str, float],
                     baseline: Mapping[str, float], names: Sequence[str], decision: Mapping[str, Any],
                     version: Mapping[str, str], data_hash: str, run_link: str,
@@ -57,7 +62,7 @@ def pipeline_report(*, validation: Mapping[str, float], metrics: Mapping[str, fl
     counts = ["| kind | input | clean | quarantined | duplicates |", "|---|---|---|---|---|"]
     for kind in get_args(Kind):
         if f"{kind}_input" in validation:
-            cells = [kind, *(f"{validation.get(f'{kind}_{key}', 0):g}" for key in COUNTED)]
+            cells = [kind, *(_count(validation.get(f"{kind}_{key}", 0)) for key in COUNTED)]
             counts.append("| " + " | ".join(cells) + " |")
     return "\n".join([
         f"# {version['name']} version {version['version']}: {decision['outcome']}",

@@ -44,23 +44,52 @@ def conversation_prompt(history: History, instruction: str, context: str = "") -
     return prompt_text(Record(id="chat", source="chat", kind="instruction", template="chat", turns=turns))
 
 
+def _exchange_starts(history: History) -> list[int]:
+    """Where the kept history may start, oldest first: dropping one whole exchange at a time."""
+    starts, start = [0], 0
+    while start < len(history):
+        start += 2 if len(history) - start >= 2 and history[start][0] == "user" else 1
+        starts.append(start)
+    return starts
+
+
 def fit_history(
     tokenizer: Any, history: History, instruction: str, context: str, *, limit: int, max_new_tokens: int
 ) -> tuple[tuple[tuple[Role, str], ...], str, int]:
-    """The newest history that leaves room for the answer: (kept turns, prompt text, prompt tokens)."""
-    kept = tuple(history)
-    while True:
+    """The newest history that leaves room for the answer: (kept turns, prompt text, prompt tokens).
+
+    The oldest kept exchange is found by binary search (a shorter history never makes a longer
+    prompt), so a long conversation costs a few tokenizations rather than one per dropped exchange.
+    """
+    turns = tuple(history)
+    starts = _exchange_starts(turns)
+
+    def attempt(index: int) -> tuple[tuple[tuple[Role, str], ...], str, int]:
+        kept = turns[starts[index]:]
         text = conversation_prompt(kept, instruction, context)
-        length = len(prompt_ids(tokenizer, text))
-        if length + max_new_tokens <= limit:
-            return kept, text, length
-        if not kept:
-            raise ContextTooLongError(
-                f"the question alone is {length} tokens; with {max_new_tokens} new tokens it exceeds "
-                f"the context limit of {limit} tokens"
-            )
-        drop = 2 if len(kept) >= 2 and kept[0][0] == "user" else 1  # one whole exchange at a time
-        kept = kept[drop:]
+        return kept, text, len(prompt_ids(tokenizer, text))
+
+    def fits(found: tuple[Any, str, int]) -> bool:
+        return found[2] + max_new_tokens <= limit
+
+    best = attempt(0)
+    if fits(best):
+        return best
+    low, high = 0, len(starts) - 1  # starts[low] does not fit; starts[high] is checked next
+    best = attempt(high)
+    if not fits(best):
+        raise ContextTooLongError(
+            f"the question alone is {best[2]} tokens; with {max_new_tokens} new tokens it exceeds "
+            f"the context limit of {limit} tokens"
+        )
+    while high - low > 1:
+        middle = (low + high) // 2
+        found = attempt(middle)
+        if fits(found):
+            high, best = middle, found
+        else:
+            low = middle
+    return best
 
 
 def context_limit(model: LlamaAdapterV2) -> int:

@@ -27,9 +27,15 @@ log = logging.getLogger(__name__)
 _LAST_WORD = re.compile(r"\s+\S*$")
 
 
+GREEDY_BELOW = 1e-5  # logits divided by a smaller temperature overflow to inf, probabilities to nan
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """``temperature == 0`` is greedy decoding; otherwise sampling with nucleus ``top_p``."""
+    """``temperature == 0`` is greedy decoding; otherwise sampling with nucleus ``top_p``.
+
+    A temperature below ``GREEDY_BELOW`` is greedy decoding, which is what it tends to anyway.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -43,6 +49,8 @@ class GenerationSettings:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
@@ -87,16 +95,20 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut].strip()
 
 
-def _completion(tokenizer: Any, generated: list[int], stop: Sequence[str], pad_id: int) -> Completion:
-    """A row of ``generate``'s new tokens as an answer; a finished row is padded to the batch's length."""
-    raw = tokenizer.decode(generated, skip_special_tokens=True)
-    if tokenizer.eos_token_id in generated:
-        return Completion(cut_at_stop(raw, stop), generated.index(tokenizer.eos_token_id) + 1, True)
-    stopped = any(s and s in raw for s in stop)
-    count = len(generated)
-    while stopped and count and generated[count - 1] == pad_id:
-        count -= 1
-    return Completion(cut_at_stop(raw, stop), count, stopped)
+def _completion(tokenizer: Any, generated: list[int], stop: Sequence[str], stopped_at: int | None
+                ) -> Completion:
+    """A row of ``generate``'s new tokens as an answer, counted up to its EOS or the token that completed a
+    stop string (``stopped_at``): a row finished early in a batch is padded, and the padding (which
+    may be the EOS token itself) is no part of the answer."""
+    ends = [n for n in (stopped_at, _eos_end(tokenizer, generated)) if n is not None]
+    count = min(ends, default=len(generated))
+    raw = tokenizer.decode(generated[:count], skip_special_tokens=True)
+    return Completion(cut_at_stop(raw, stop), count, bool(ends))
+
+
+def _eos_end(tokenizer: Any, generated: list[int]) -> int | None:
+    eos = tokenizer.eos_token_id
+    return generated.index(eos) + 1 if eos is not None and eos in generated else None
 
 
 class TextPieces:
@@ -146,14 +158,26 @@ class TextPieces:
 
 
 class _StopStrings:
-    """Stops a row once its generated text contains a stop string (checked on decoded text)."""
+    """Stops a row once its generated text contains a stop string (checked on decoded text), and
+    remembers how many new tokens it had then; also stops every row once ``cancelled()`` says so."""
 
-    def __init__(self, tokenizer: Any, prompt_length: int, stop: Sequence[str]) -> None:
-        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, tuple(stop)
+    def __init__(self, tokenizer: Any, prompt_length: int, stop: Sequence[str],
+                 cancelled: Callable[[], bool] | None = None) -> None:
+        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, tuple(s for s in stop if s)
+        self.cancelled = cancelled
+        self.stopped_at: dict[int, int] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        new_tokens = input_ids.shape[1] - self.prompt_length
+        if self.cancelled is not None and self.cancelled():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.stop:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
         done = [any(s in text for s in self.stop) for text in texts]
+        for row, row_done in enumerate(done):
+            if row_done:
+                self.stopped_at.setdefault(row, new_tokens)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -181,7 +205,9 @@ def _generate_batch(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     settings: GenerationSettings,
+    *,
     streamer: TextPieces | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[Completion]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = _left_padded([prompt_ids(tokenizer, p.text) for p in prompts], pad_id)
@@ -190,7 +216,7 @@ def _generate_batch(
     if settings.temperature > 0:
         sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
         sampling["top_k"] = 0  # nucleus sampling only, not transformers' default top-50 cut
-    stopping = StoppingCriteriaList([_StopStrings(tokenizer, input_ids.shape[1], settings.stop)])
+    stop_strings = _StopStrings(tokenizer, input_ids.shape[1], settings.stop, cancelled)
     output = model.generate(
         input_ids.to(device),
         images=_image_batch(model, prompts),
@@ -198,12 +224,13 @@ def _generate_batch(
         max_new_tokens=settings.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad_id,
-        stopping_criteria=stopping if settings.stop else None,
+        stopping_criteria=StoppingCriteriaList([stop_strings]),
         streamer=streamer,
         **sampling,
     )
     rows = output[:, input_ids.shape[1] :].tolist()
-    return [_completion(tokenizer, row, settings.stop, pad_id) for row in rows]
+    return [_completion(tokenizer, row, settings.stop, stop_strings.stopped_at.get(index))
+            for index, row in enumerate(rows)]
 
 
 def generate_completions(
@@ -211,8 +238,12 @@ def generate_completions(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     settings: GenerationSettings | None = None,
+    *,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[Completion]:
-    """One answer per prompt, in order, and how it ended. Sampling is seeded by ``settings.seed`` per call."""
+    """One answer per prompt, in order, and how it ended. Sampling is seeded by ``settings.seed`` per call.
+
+    ``cancelled`` is asked after every token; once it says True, every answer ends where it is."""
     settings = settings or GenerationSettings()
     if settings.temperature > 0:
         torch.manual_seed(settings.seed)
@@ -221,7 +252,8 @@ def generate_completions(
         indices = [i for i, p in enumerate(prompts) if (p.image is not None) == with_image]
         for start in range(0, len(indices), settings.batch_size):
             chunk = indices[start : start + settings.batch_size]
-            found = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings)
+            found = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings,
+                                    cancelled=cancelled)
             answers.update(zip(chunk, found, strict=True))
     return [answers[i] for i in range(len(prompts))]
 
@@ -242,11 +274,14 @@ def generate_streamed(
     prompt: Prompt,
     settings: GenerationSettings,
     on_text: Callable[[str], None],
+    *,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Completion:
     """One answer, handed to ``on_text`` in pieces as it is generated; they join to the returned text."""
     if settings.temperature > 0:
         torch.manual_seed(settings.seed)
     pieces = TextPieces(tokenizer, settings.stop, on_text)
-    [completion] = _generate_batch(model, tokenizer, [prompt], settings, streamer=pieces)
+    [completion] = _generate_batch(model, tokenizer, [prompt], settings, streamer=pieces,
+                                   cancelled=cancelled)
     pieces.finish(completion.text)
     return completion

@@ -61,10 +61,14 @@ def _metric_of(tags: dict[str, str], metric: str) -> float | None:
     return None if raw is None else float(raw)
 
 
+def gain(value: float, reference: float, greater_is_better: bool) -> float:
+    """How much better ``value`` is than ``reference`` in the metric's direction (negative: worse)."""
+    return value - reference if greater_is_better else reference - value
+
+
 def beats(challenger: float, champion: float, margin: float, greater_is_better: bool) -> bool:
     """Strictly better by more than ``margin`` in the configured direction."""
-    gain = challenger - champion if greater_is_better else champion - challenger
-    return gain > margin
+    return gain(challenger, champion, greater_is_better) > margin
 
 
 def _refusal(tags: dict[str, str], status: str, rule: PromotionConfig) -> str | None:
@@ -109,7 +113,7 @@ def _fallen_guards(rule: PromotionConfig, tags: dict[str, str], reference: dict[
             continue
         if before is None:
             continue
-        worse = before - value if guard.greater_is_better else value - before
+        worse = -gain(value, before, guard.greater_is_better)
         if worse > guard.tolerance:
             moved, side, lower = (("fell", "below", "") if guard.greater_is_better
                                   else ("rose", "above", "; lower is better"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from llama_adapter_v2.config import Config
 from llama_adapter_v2.environment import project_root
 from llama_adapter_v2.store import data_hash, ensure_experiment, evaluation_run_of, git_commit, use_tracking
+
+log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_NAME_IN_RUN = "model"
@@ -111,6 +114,15 @@ def _pip_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "mlflow", "pillow", "pandas")]
 
 
+def missing_gated_metrics(cfg: Config, metrics: dict[str, float] | None) -> list[str]:
+    """The gate's and guards' metrics an evaluated version lacks: a misspelt name (say a training
+    metric such as ``caption_holdout_loss``, which no evaluation records) would hold every promotion."""
+    if metrics is None:
+        return []
+    promotion = cfg.tracking.promotion
+    return [name for name in (promotion.metric, *promotion.guards) if name not in metrics]
+
+
 def version_tags(cfg: Config, metrics: dict[str, float] | None) -> dict[str, str]:
     root = project_root()
     tags = {
@@ -135,6 +147,9 @@ def register(
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"adapter folder {adapter_dir} not found: train first")
+    if missing := missing_gated_metrics(cfg, metrics):
+        log.warning("the evaluation recorded no %s, which tracking.promotion gates or guards on; "
+                    "it records: %s", ", ".join(missing), ", ".join(sorted(metrics or {})))
     client = use_tracking(cfg)
     experiment_id = ensure_experiment(cfg)
     evaluation_run = evaluation_run_of(client, experiment_id, run_id)

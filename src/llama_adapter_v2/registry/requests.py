@@ -36,6 +36,10 @@ class RequestError(ValueError):
     """A malformed request: the message names the field and the broken rule."""
 
 
+class NotADataURLError(RequestError):
+    """An image given in a form other than a base64 ``data:image/...`` URL."""
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int
@@ -70,35 +74,49 @@ def _server_file(value: str, roots: tuple[Path, ...]) -> Path | None:
     return None
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what Pillow may parse: no EPS, TIFF, ICNS...
+
+
+def _base64_bytes(encoded: str, max_bytes: int, invalid: str) -> bytes:
+    if len(encoded) * 3 // 4 > max_bytes:
+        raise RequestError(f"image: base64 payload is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(invalid) from None
+
+
+def decode_data_url(url: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:image/<type>;base64,<payload>`` URL; ``NotADataURLError`` for any other form."""
+    header, comma, payload = url.partition(",")
+    if not (comma and header.startswith(DATA_URL_PREFIX) and header.endswith(";base64")):
+        raise NotADataURLError("image: only data:image/<type>;base64,<bytes> URLs are accepted")
+    return _base64_bytes(payload, max_bytes, "image: the data URL's payload is not valid base64")
+
+
 def _image_bytes(value: str, limits: ImageLimits) -> bytes:
     path = _server_file(value, limits.roots)
     if path is not None:
         if path.stat().st_size > limits.max_bytes:
             raise RequestError(f"image: file {value} is larger than {limits.max_bytes} bytes")
         return path.read_bytes()
-    encoded = value.split(",", 1)[1] if value.startswith(DATA_URL_PREFIX) else value
-    if len(encoded) * 3 // 4 > limits.max_bytes:
-        raise RequestError(f"image: base64 payload is larger than {limits.max_bytes} bytes")
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError("image: neither an existing file path inside the served image folders "
-                           "(serving.image_roots) nor valid base64") from None
+    if value.startswith(DATA_URL_PREFIX):
+        return decode_data_url(value, limits.max_bytes)
+    return _base64_bytes(value, limits.max_bytes, "image: neither an existing file path inside the served "
+                         "image folders (serving.image_roots) nor valid base64")
 
 
-def decode_image(value: object, limits: ImageLimits) -> Image.Image:
-    """An RGB image from a file path or base64 (plain or a data URL), within the size limits."""
-    if not isinstance(value, str) or not value.strip():
-        raise RequestError("image: missing (give a file path or base64-encoded image bytes)")
-    raw = _image_bytes(value.strip(), limits)
+def image_from_bytes(raw: bytes, limits: ImageLimits) -> Image.Image:
+    """An RGB image from encoded bytes in one of ``IMAGE_FORMATS``; its size is checked from the header
+    (``Image.open`` reads no more) before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))  # reads the header only: size is known before decoding
+            image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as err:
         raise RequestError(f"image: exceeds the limits ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        raise RequestError("image: bytes are not a readable image (PNG, JPEG, ...)") from None
+        raise RequestError(f"image: bytes are not a readable image ({', '.join(IMAGE_FORMATS)})") from None
     width, height = image.size
     if max(width, height) > limits.max_side or width * height > limits.max_pixels:
         raise RequestError(
@@ -109,6 +127,13 @@ def decode_image(value: object, limits: ImageLimits) -> Image.Image:
         return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise RequestError(f"image: cannot be decoded ({err})") from None
+
+
+def decode_image(value: object, limits: ImageLimits) -> Image.Image:
+    """An RGB image from a file path or base64 (plain or a data URL), within the size limits."""
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("image: missing (give a file path or base64-encoded image bytes)")
+    return image_from_bytes(_image_bytes(value.strip(), limits), limits)
 
 
 def check_instruction(value: object) -> str:

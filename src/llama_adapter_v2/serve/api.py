@@ -6,7 +6,8 @@ a browser can load the page and be asked for the key. Bodies over ``max_body_byt
 before they are read whole (413), images over the pixel limits and any image that is not a data
 URL are refused (400), and every failure is answered in OpenAI's error shape while the server
 goes on. Generation happens on one worker thread (``worker``); the event loop only parses,
-checks and streams.
+checks and streams; parsing a body and fitting its conversation to the context (tokenizing) run
+on one thread of their own, so a large request never stalls ``/health`` or other streams.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import copy
 import hmac
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -36,7 +38,7 @@ from llama_adapter_v2.serve.conversation import Defaults, FittedPrompt, chat_inp
 from llama_adapter_v2.serve.errors import APIError, install_handlers, validation_error
 from llama_adapter_v2.serve.schema import ChatRequest
 from llama_adapter_v2.serve.served import ModelCard
-from llama_adapter_v2.serve.worker import GenerationQueue, QueueFullError
+from llama_adapter_v2.serve.worker import GenerationQueue, QueueFullError, ShuttingDownError
 
 API_KEY_VARIABLE = "LAV2_API_KEY"
 MIB = 1024 * 1024
@@ -79,6 +81,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         data = json.loads(raw)
     except ValueError as err:
         raise APIError(400, f"body is not valid JSON ({err})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "body is nested too deeply", code="invalid_json") from None
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as err:
@@ -116,6 +120,10 @@ def usage(completion: Completion, prompt_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion.new_tokens}
 
 
+def unavailable(err: BaseException | None) -> APIError:
+    return APIError(503, f"server busy: {err}; retry later", type="server_error", code="overloaded")
+
+
 def event(data: dict[str, Any] | str) -> str:
     """One server-sent event as OpenAI sends it: a ``data:`` line and a blank line."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
@@ -130,6 +138,8 @@ class ChatService:
                                      max_waiting=options.max_waiting)
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)  # the worker thread keeps the model's own
         self.limit = context_limit(loaded.model)
+        # one thread: the prompt tokenizer is used by it alone, and parsing waits there, not on the loop
+        self.preparing = ThreadPoolExecutor(1, thread_name_prefix="lav2-prepare")
 
     async def check_key(self, request: Request) -> None:
         key = self.options.api_key
@@ -139,6 +149,14 @@ class ChatService:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
                            code="invalid_api_key")
+
+    async def prepared(self, raw: bytes) -> tuple[ChatRequest, FittedPrompt]:
+        """The parsed body and its fitted prompt, worked out on the preparing thread."""
+        def prepare() -> tuple[ChatRequest, FittedPrompt]:
+            body = parse_chat_request(raw)
+            return body, self.fitted(body)
+
+        return await asyncio.get_running_loop().run_in_executor(self.preparing, prepare)
 
     def fitted(self, body: ChatRequest) -> FittedPrompt:
         if body.model != self.card.id:
@@ -151,16 +169,18 @@ class ChatService:
         return fitted_prompt(body, chat, self.prompt_tokenizer, limit=self.limit,
                              defaults=self.options.defaults, seed=seed)
 
-    def submit(self, fitted: FittedPrompt, on_text: Callable[[str], None] | None = None
-               ) -> Future[Completion]:
+    def submit(self, fitted: FittedPrompt, on_text: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None) -> Future[Completion]:
         try:
-            return self.queue.submit(fitted.prompt, fitted.settings, on_text)
+            return self.queue.submit(fitted.prompt, fitted.settings, on_text, cancel)
         except QueueFullError as err:
-            raise APIError(503, f"server busy: {err}; retry later", type="server_error",
-                           code="overloaded") from None
+            raise unavailable(err) from None
 
     async def answer(self, fitted: FittedPrompt) -> JSONResponse:
-        completion = await asyncio.wrap_future(self.submit(fitted))
+        try:
+            completion = await asyncio.wrap_future(self.submit(fitted))
+        except ShuttingDownError as err:
+            raise unavailable(err) from None
         return JSONResponse(Answer(self.card.id).body(completion, fitted.prompt_tokens))
 
     def stream(self, fitted: FittedPrompt, include_usage: bool) -> StreamingResponse:
@@ -168,15 +188,23 @@ class ChatService:
         full queue is still a 503 and not a broken stream."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        future = self.submit(fitted, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        client_gone = threading.Event()
+        future = self.submit(fitted, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece),
+                             client_gone)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         answer = Answer(self.card.id)
 
         async def events() -> AsyncIterator[str]:
-            yield answer.chunk({"role": "assistant", "content": ""})
-            while (piece := await pieces.get()) is not None:
-                yield answer.chunk({"content": piece})
-            if future.exception() is not None:
+            try:
+                yield answer.chunk({"role": "assistant", "content": ""})
+                while (piece := await pieces.get()) is not None:
+                    yield answer.chunk({"content": piece})
+            finally:  # closed or cancelled before the end: the client has gone, stop generating
+                if not future.done():
+                    client_gone.set()
+            if isinstance(future.exception(), ShuttingDownError):
+                yield event(unavailable(future.exception()).body())
+            elif future.exception() is not None:
                 yield event(APIError(500, "generation failed", type="server_error").body())
             else:
                 completion = future.result()
@@ -194,7 +222,8 @@ class ChatService:
         return {"status": "ok", "model": self.card.id, "version": self.card.version,
                 "alias": self.card.alias, "auth": self.options.api_key is not None,
                 "waiting": self.queue.waiting,
-                "answered": stats.answered, "batches": stats.batches, "largest_batch": stats.largest_batch}
+                "answered": stats.answered, "batches": stats.batches, "largest_batch": stats.largest_batch,
+                "cancelled": stats.cancelled}
 
 
 def v1_routes(service: ChatService) -> APIRouter:
@@ -203,8 +232,7 @@ def v1_routes(service: ChatService) -> APIRouter:
 
     @v1.post("/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        body = parse_chat_request(await read_body(request, service.options.max_body_bytes))
-        fitted = service.fitted(body)
+        body, fitted = await service.prepared(await read_body(request, service.options.max_body_bytes))
         if body.stream:
             return service.stream(fitted, bool(body.stream_options and body.stream_options.include_usage))
         return await service.answer(fitted)
@@ -230,6 +258,7 @@ def create_app(loaded: LoadedModel, card: ModelCard, options: ServeOptions) -> F
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.queue.start()
         yield
+        service.preparing.shutdown(wait=False, cancel_futures=True)
         service.queue.close()
 
     # no /docs: FastAPI's documentation pages load their scripts from a CDN

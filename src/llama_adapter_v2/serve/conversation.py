@@ -9,7 +9,7 @@ has no slot for them. The prompt is built and trimmed oldest-exchange-first by `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
@@ -18,9 +18,15 @@ from llama_adapter_v2.data.formatting import CHAT_SEPARATOR
 from llama_adapter_v2.data.records import Role
 from llama_adapter_v2.infer.chat import ContextTooLongError, fit_history
 from llama_adapter_v2.infer.generation import GenerationSettings, Prompt
-from llama_adapter_v2.registry.requests import DATA_URL_PREFIX, ImageLimits, RequestError, decode_image
+from llama_adapter_v2.registry.requests import (
+    ImageLimits,
+    NotADataURLError,
+    RequestError,
+    decode_data_url,
+    image_from_bytes,
+)
 from llama_adapter_v2.serve.errors import APIError
-from llama_adapter_v2.serve.schema import ChatRequest, ImagePart, Message
+from llama_adapter_v2.serve.schema import ChatRequest, ImagePart, Message, TextPart
 
 UNUSED_ROLES = {"system", "developer"}
 
@@ -40,49 +46,54 @@ class FittedPrompt:
 
 
 def _image(url: str, param: str, limits: ImageLimits) -> Image.Image:
-    header = url.partition(",")[0]
-    if not (header.startswith(DATA_URL_PREFIX) and header.endswith(";base64")):
-        raise APIError(400, "image_url: only data:image/...;base64,... URLs are accepted (the server "
-                       "fetches nothing); embed the image bytes", param=param, code="invalid_image_url")
     try:
-        return decode_image(url, limits)
+        return image_from_bytes(decode_data_url(url, limits.max_bytes), limits)
+    except NotADataURLError:
+        raise APIError(400, "image_url: only data:image/...;base64,... URLs are accepted (the server "
+                       "fetches nothing); embed the image bytes", param=param,
+                       code="invalid_image_url") from None
     except RequestError as err:
         raise APIError(400, str(err), param=param, code="invalid_image") from None
 
 
-def _content(message: Message, index: int, limits: ImageLimits) -> tuple[str, list[Image.Image]]:
+def _text(message: Message) -> str:
     if message.content is None or isinstance(message.content, str):
-        return message.content or "", []
-    texts, images = [], []
-    for position, part in enumerate(message.content):
-        if isinstance(part, ImagePart):
-            param = f"messages[{index}].content[{position}].image_url.url"
-            if message.role != "user":
-                raise APIError(400, "images are accepted in user messages only", param=param)
-            images.append(_image(part.image_url.url, param, limits))
-        else:
-            texts.append(part.text)
-    return "\n".join(texts), images
+        return message.content or ""
+    return "\n".join(part.text for part in message.content if isinstance(part, TextPart))
+
+
+def _image_parts(messages: list[Message]) -> list[tuple[str, str, int]]:
+    """Every image part as (its URL, its param, its message); refused unless in a user message."""
+    found = []
+    for index, message in enumerate(messages):
+        if message.content is None or isinstance(message.content, str) or message.role in UNUSED_ROLES:
+            continue
+        for position, part in enumerate(message.content):
+            if isinstance(part, ImagePart):
+                param = f"messages[{index}].content[{position}].image_url.url"
+                if message.role != "user":
+                    raise APIError(400, "images are accepted in user messages only", param=param)
+                found.append((part.image_url.url, param, index))
+    return found
 
 
 def chat_input(messages: list[Message], limits: ImageLimits) -> ChatInput:
-    """The conversation's image, its earlier turns and the last user message's text."""
-    image: Image.Image | None = None
-    turns: list[tuple[Role, str]] = []
-    for index, message in enumerate(messages):
-        if message.role in UNUSED_ROLES:
-            continue
-        text, images = _content(message, index, limits)
-        if images and (image is not None or len(images) > 1):
-            raise APIError(400, "this model answers about one image per conversation; start a new "
-                           "conversation for another image", param=f"messages[{index}].content")
-        image = images[0] if images else image
-        turns.append((message.role, text.strip()))  # type: ignore[arg-type]
+    """The conversation's image, its earlier turns and the last user message's text.
+
+    Image parts are counted before any is decoded: a small body may carry many small, highly
+    compressed images of huge size, and only one is ever used.
+    """
+    images = _image_parts(messages)
+    if len(images) > 1:
+        raise APIError(400, "this model answers about one image per conversation; start a new "
+                       "conversation for another image", param=f"messages[{images[1][2]}].content")
+    image = _image(images[0][0], images[0][1], limits) if images else None
+    turns = [(m.role, _text(m).strip()) for m in messages if m.role not in UNUSED_ROLES]
     if not turns or turns[-1][0] != "user":
         raise APIError(400, "the last message must be the user's", param="messages")
     if not turns[-1][1]:
         raise APIError(400, "the last user message has no text", param=f"messages[{len(messages) - 1}]")
-    return ChatInput(image=image, history=tuple(turns[:-1]), question=turns[-1][1])
+    return ChatInput(image=image, history=tuple(turns[:-1]), question=turns[-1][1])  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -107,12 +118,13 @@ def fitted_prompt(request: ChatRequest, chat: ChatInput, tokenizer: Any, *, limi
     except ContextTooLongError as err:
         raise APIError(400, f"{err}; shorten the question or lower max_tokens", param="messages",
                        code="context_length_exceeded") from None
-    temperature = defaults.temperature if request.temperature is None else request.temperature
     settings = GenerationSettings(
         max_new_tokens=asked or min(defaults.max_tokens, limit - length),
-        temperature=temperature,
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
         top_p=defaults.top_p if request.top_p is None else request.top_p,
         stop=(CHAT_SEPARATOR, *request.stop_strings()),
-        seed=seed if temperature > 0 else 0,  # greedy requests share settings, so they batch
+        seed=seed,
     )
+    if settings.temperature == 0:
+        settings = replace(settings, seed=0)  # greedy requests share settings, so they batch
     return FittedPrompt(Prompt(text, chat.image), length, settings)

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_MESSAGES = 256  # bounds the work of fitting a conversation to the context before it is refused
+INT64 = 2**63  # seeds go to torch.manual_seed, which takes a 64-bit integer
 
 
 class Lenient(BaseModel):
@@ -48,12 +50,12 @@ class StreamOptions(Lenient):
 
 class ChatRequest(Lenient):
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
