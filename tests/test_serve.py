@@ -24,6 +24,7 @@ import mlflow
 import openai
 import pytest
 import torch
+import yaml
 from live_servers import free_port, start, stop, wait_healthy
 from PIL import Image
 from tiny_adapted import random_gates, tiny_config, write_tiny_base
@@ -444,6 +445,44 @@ def test_a_registry_alias_is_served_as_the_version_it_names(tmp_path: Path, adap
         load_served("models:/empty/latest", tracking_uri=uri)
     _, by_run = load_served(f"runs:/{run.info.run_id}", tracking_uri=uri)
     assert (by_run.version, by_run.run_id) == (None, run.info.run_id)
+
+
+@pytest.mark.slow
+def test_the_serve_champion_flow_serves_the_version_the_alias_names(tmp_path: Path, adapter: Path) -> None:
+    """The Prefect flow (flows/serve.py) as a deployment runs it: a flow run that is the server."""
+    cfg = tiny_config(write_tiny_base(tmp_path / "base"))
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg.tracking.registered_model = "served-by-flow"
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    experiment = client.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    client.create_registered_model("served-by-flow")
+    for _ in range(2):
+        client.create_model_version("served-by-flow", f"{run.info.artifact_uri}/adapter",
+                                    run_id=run.info.run_id)
+    client.set_registered_model_alias("served-by-flow", "champion", "2")
+    config_file = tmp_path / "serve.yaml"
+    settings = cfg.model_dump(mode="json")  # a whole project's config: data sources named, never read here
+    captions = {"name": "c", "format": "coco", "annotations": str(tmp_path / "c.json"),
+                "images": str(tmp_path)}
+    instructions = {"name": "i", "format": "alpaca", "path": str(tmp_path / "i.json")}
+    settings["data"] |= {"captions": [captions], "instructions": [instructions]}
+    config_file.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    port = free_port()
+    code = (f"from flows.serve import serve_champion; serve_champion({str(config_file)!r}, port={port})")
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}", LAV2_ROOT=str(REPO),
+               PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("LAV2_API_KEY", None)
+    log = tmp_path / "flow.log"
+    process = start([sys.executable, "-c", code], env, log, REPO)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", process, log, timeout_s=240)
+        [model] = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
+        assert (model["id"], model["version"], model["alias"]) == ("served-by-flow@champion", "2", "champion")
+    finally:
+        stop(process)
+    assert "Beginning flow run" in log.read_text(encoding="utf-8")  # a Prefect flow run, not a bare call
 
 
 def test_serve_refuses_a_model_that_is_not_there(tmp_path: Path) -> None:

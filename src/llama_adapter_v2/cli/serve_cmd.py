@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
-import logging
-import os
 from typing import Annotated
 
 import typer
 
 from llama_adapter_v2.cli.eval_cmd import ModelSource
 from llama_adapter_v2.cli.terminal import errors_exit, log_to_stderr
-
-log = logging.getLogger(__name__)
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def serve(
@@ -49,26 +37,15 @@ def serve(
 
     With LAV2_API_KEY set, every /v1 request needs "Authorization: Bearer <key>".
     """
-    import uvicorn  # noqa: PLC0415 - lazy: CLI starts without torch
-    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy, as above
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - lazy: CLI starts without torch
 
-    from llama_adapter_v2.registry.requests import ImageLimits  # noqa: PLC0415 - lazy, as above
-    from llama_adapter_v2.serve import api, conversation, served  # noqa: PLC0415 - lazy, as above
+    from llama_adapter_v2.serve.run import ServeSettings, serve_model  # noqa: PLC0415 - lazy, as above
 
     log_to_stderr()
-    api_key = os.environ.get(api.API_KEY_VARIABLE) or None
-    if not _loopback(host) and api_key is None:
-        log.warning("serving on %s without %s: anyone who reaches it can use the model",
-                    host, api.API_KEY_VARIABLE)
-    with errors_exit(FileNotFoundError, MlflowException):
-        loaded, card = served.load_served(model, tracking_uri=tracking_uri, name=name)
-    body_bytes = int(max_body_mb * api.MIB)
-    options = api.ServeOptions(
-        api_key=api_key, max_body_bytes=body_bytes,
-        image_limits=ImageLimits(max_bytes=body_bytes, max_side=max_image_side, max_pixels=max_image_pixels),
-        defaults=conversation.Defaults(max_tokens=max_tokens), max_batch=max_batch, max_waiting=max_waiting,
+    settings = ServeSettings(
+        host=host, port=port, name=name, tracking_uri=tracking_uri, max_tokens=max_tokens,
+        max_batch=max_batch, max_waiting=max_waiting, max_body_mb=max_body_mb, max_image_side=max_image_side,
+        max_image_pixels=max_image_pixels,
     )
-    log.info("serving %s (version %s, alias %s) at http://%s:%d/", card.id, card.version, card.alias,
-             host, port)
-    uvicorn.run(api.create_app(loaded, card, options), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=5)
+    with errors_exit(FileNotFoundError, MlflowException):
+        serve_model(model, settings)
