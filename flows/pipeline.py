@@ -258,6 +258,8 @@ def pipeline(config_path: str = "configs/demo.yaml", overrides: list[str] | None
     overrides = overrides or []
     write_overrides(root / config, overrides)
     cfg = load_config(root / config)
+    if not deployments:  # the data version the runs are tagged with is the one the stages will read
+        provide_data(config, exchange=False)
     data_version = data_hash(root)
     labels = run_tags(cfg, config, data_version)
     _tag_current_run(labels)

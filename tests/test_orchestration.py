@@ -69,7 +69,11 @@ def _api(url: str, payload: dict[str, Any] | None = None) -> Any:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     base = tmp_path_factory.mktemp("orchestration")
     root = project_copy(base / "project")
-    return Project(root, project_env(root, base / "prefect-home"), base / "logs")
+    project = Project(root, project_env(root, base / "prefect-home"), base / "logs")
+    project.run("git", "init", "-q")  # a clone: DVC stages what it writes (core.autostage)
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "clone")
+    return project
 
 
 @pytest.fixture(scope="module")
