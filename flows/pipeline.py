@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,9 +75,13 @@ class StageError(RuntimeError):
 
 def dvc(*arguments: str) -> str:
     """Run one DVC command in the checkout; its output goes to the run's log."""
-    executable = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    finished = subprocess.run([executable, *arguments], cwd=project_root(), capture_output=True, text=True,
-                              check=False)
+    # The stages' commands (lav2) and dvc come from this interpreter's environment, activated or not
+    # (make demo runs .venv/bin/lav2 without .venv/bin on PATH).
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+    executable = str(Path(scripts) / "dvc")
+    finished = subprocess.run([executable, *arguments], cwd=project_root(), env=env, capture_output=True,
+                              text=True, check=False)
     output = finished.stdout + finished.stderr
     if output.strip():
         get_run_logger().info("dvc %s\n%s", " ".join(arguments), output.strip()[-4000:])
