@@ -160,7 +160,8 @@ def test_training_relaunches_under_torchrun_with_the_configured_processes(
 def test_prefect_yaml_deployments(repo_root: Path, flows: ModuleType) -> None:
     spec = yaml.safe_load((repo_root / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"demo-cpu", "demo-pools", "stages-cpu", "stages-gpu", "stages-gpu-docker"}
+    assert set(deployments) == {"demo-cpu", "demo-pools", "stages-cpu", "stages-gpu", "stages-gpu-docker",
+                                "serve-champion"}
     for deployment in deployments.values():
         path, _, name = deployment["entrypoint"].partition(":")
         assert f"def {name}(" in (repo_root / path).read_text()
@@ -172,6 +173,8 @@ def test_prefect_yaml_deployments(repo_root: Path, flows: ModuleType) -> None:
         flow_name, _, deployment_name = target.partition("/")
         assert flow_name == flows.dvc_stages.name
         assert deployments[deployment_name]["work_pool"]["name"] == pool
+    serving = deployments["serve-champion"]
+    assert serving["work_pool"]["name"] == "gpu" and serving["parameters"]["host"] == "127.0.0.1"
     cpu = deployments["demo-cpu"]["work_pool"]
     assert cpu["name"] == "cpu" and cpu["job_variables"]["env"]["LAV2_GPUS"] == "0"
     docker = deployments["stages-gpu-docker"]["work_pool"]["job_variables"]
