@@ -91,12 +91,11 @@ def dvc(*arguments: str) -> str:
 
 
 @task(name="dvc-stage", task_run_name="{stage}")
-def run_stage(stage: str, force: bool = False) -> bool:
-    """``dvc repro --single-item``: True when DVC ran the stage, False when it was up to date (or its
-    outputs came from DVC's run cache). ``force`` runs it regardless. On failure the stage's previous
-    outputs come back from the cache (DVC removed them first)."""
+def run_stage(stage: str) -> bool:
+    """``dvc repro --single-item``: True when DVC ran the stage, False when it was up to date.
+    On failure the stage's previous outputs come back from the cache (DVC removed them first)."""
     try:
-        output = dvc("repro", "--single-item", *(["--force"] if force else []), stage)
+        output = dvc("repro", "--single-item", stage)
     except StageError:
         with contextlib.suppress(StageError):  # a stage that never ran has nothing to restore
             dvc("checkout", "--force", stage)
@@ -157,11 +156,9 @@ def _read_lock(run_id: Any) -> dict[str, Any]:
 
 @flow(name="dvc-stages", log_prints=True)
 def dvc_stages(stages: list[str], config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-               upstream_lock: dict[str, Any] | None = None, exchange: bool = False, *, force: bool = False
-               ) -> dict[str, Any]:
+               upstream_lock: dict[str, Any] | None = None, exchange: bool = False) -> dict[str, Any]:
     """Run ``stages`` (consecutive stages of one pool) through DVC in this checkout. With
-    ``exchange``: record ``upstream_lock``, pull what the stages read, push what they wrote;
-    ``force``: run them even when DVC finds them up to date."""
+    ``exchange``: record ``upstream_lock``, pull what the stages read, push what they wrote."""
     root = project_root()
     declared = _stages()
     config = _checked_config(config_path, declared)
@@ -172,7 +169,7 @@ def dvc_stages(stages: list[str], config_path: str = "configs/demo.yaml", overri
         provide_data(config, exchange)
     if exchange and (needed := upstream_of(declared, stages)):
         dvc("pull", *needed)
-    ran = [name for name in stages if run_stage(name, force)]
+    ran = [name for name in stages if run_stage(name)]
     if exchange:
         dvc("push", *stages)
     entries = lock_entries(root, stages)

@@ -60,13 +60,16 @@ def case_results() -> dict[str, dict]:
 
 def test_orchestration_runs_in_a_scratch_project_whose_config_both_sides_read(tmp_path: Path) -> None:
     """Bare and pipeline runs read one config, the scratch copy's, with the benchmark's steps; the
-    project's own config is untouched."""
+    project's own config is untouched and the train stage's dvc.lock entry is dropped between runs."""
     shipped = (orchestration.REPO / orchestration.CONFIG).read_text()
     project = orchestration.scratch_project(tmp_path, 7)
     assert (orchestration.REPO / orchestration.CONFIG).read_text() == shipped
     training = load_config(project / orchestration.CONFIG).training
     assert (training.steps, training.eval_every_steps, training.checkpoint.every_steps) == (7, 7, 7)
     assert (project / ".git").is_dir() and (project / "dvc.yaml").is_file()
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train: {cmd: x}\n  shard: {cmd: y}\n")
+    orchestration.forget_train(project)
+    assert "train" not in (project / "dvc.lock").read_text() and "shard" in (project / "dvc.lock").read_text()
 
 
 def test_every_case_reports_the_timed_fields(case_results: dict[str, dict]) -> None:
