@@ -26,11 +26,15 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(
     tiny_project: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "ddp"
-    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--no-python", LAV2, "train",
-               str(tiny_project), "--set", f"training.output_dir={out}", "--set", "training.batch_size=2"]
+    # `lav2 train` with LAV2_GPUS=2 (what a gpu-pool worker's job variables set) relaunches itself
+    # as `torchrun --standalone --nproc-per-node=2 --no-python lav2 train ...`
+    command = [LAV2, "train", str(tiny_project), "--set", f"training.output_dir={out}",
+               "--set", "training.batch_size=2"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "LAV2_GPUS": "2",
+                                   "PATH": f"{Path(TORCHRUN).parent}{os.pathsep}{os.environ['PATH']}"})
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "--nproc-per-node=2" in finished.stderr  # the relaunch, announced
     state = json.loads((out / "checkpoints" / f"step-{TINY_STEPS:07d}" / "state.json").read_text())
     assert state["world_size"] == 2
     losses = [loss for _, _, loss in state["history"]["loss"]]
