@@ -58,14 +58,18 @@ def case_results() -> dict[str, dict]:
     return {name: fn(TINY) for name, fn in cases.CASES.items() if name not in DEMO_DATA_CASES}
 
 
-def test_orchestration_runs_share_one_valid_demo_config(tmp_path: Path) -> None:
-    """Bare and pipeline runs read the same config: steps, cadences and a store apart from the project's."""
-    overrides = orchestration.shared_overrides(tmp_path, 7)
-    cfg = load_config(orchestration.REPO / orchestration.CONFIG, [*overrides, "tracking.enabled=false"])
-    training = cfg.training
+def test_orchestration_runs_in_a_scratch_project_whose_config_both_sides_read(tmp_path: Path) -> None:
+    """Bare and pipeline runs read one config, the scratch copy's, with the benchmark's steps; the
+    project's own config is untouched and the train stage's dvc.lock entry is dropped between runs."""
+    shipped = (orchestration.REPO / orchestration.CONFIG).read_text()
+    project = orchestration.scratch_project(tmp_path, 7)
+    assert (orchestration.REPO / orchestration.CONFIG).read_text() == shipped
+    training = load_config(project / orchestration.CONFIG).training
     assert (training.steps, training.eval_every_steps, training.checkpoint.every_steps) == (7, 7, 7)
-    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and not cfg.tracking.enabled
-    assert cfg.data.work_dir == tmp_path / "data" and cfg.model.base.path == tmp_path / "demo-base"
+    assert (project / ".git").is_dir() and (project / "dvc.yaml").is_file()
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train: {cmd: x}\n  shard: {cmd: y}\n")
+    orchestration.forget_train(project)
+    assert "train" not in (project / "dvc.lock").read_text() and "shard" in (project / "dvc.lock").read_text()
 
 
 def test_every_case_reports_the_timed_fields(case_results: dict[str, dict]) -> None:

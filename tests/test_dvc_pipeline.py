@@ -106,6 +106,19 @@ def test_dvc_repro_runs_all_then_nothing_then_only_what_a_parameter_touches(
     second = _run(project, env, dvc, "repro")
     assert _stages_run(second) == set()
 
+    # a stage that fails has lost its outputs (DVC removes them first); they are in the cache
+    adapter = project / "artifacts/train/demo/adapter"
+    before = {path.name: path.read_bytes() for path in adapter.iterdir()}
+    _set(config, "training", batch_size=0)  # the config check fails inside the stage's command
+    failed = subprocess.run([dvc, "repro", "train"], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert failed.returncode != 0 and "Running stage 'train'" in failed.stdout + failed.stderr
+    assert not adapter.exists()
+    _run(project, env, dvc, "checkout", "train")
+    assert {path.name: path.read_bytes() for path in adapter.iterdir()} == before
+    _set(config, "training", batch_size=TINY_TRAINING["batch_size"])
+    assert _stages_run(_run(project, env, dvc, "repro")) == set()  # the previous outputs, as dvc.lock says
+
     _set(config, "training", steps=6)
     third = _run(project, env, dvc, "repro")
     rerun = _stages_run(third)

@@ -1,19 +1,32 @@
-"""Flow helpers and prefect.yaml, without a Prefect server (the live run is in test_orchestration)."""
+"""dvc.yaml as the flow reads it, the overrides it writes, dvc.lock, the torchrun launch and prefect.yaml,
+without a Prefect server (the live runs are in test_orchestration and test_pools)."""
 
 from __future__ import annotations
 
-import errno
 import importlib.util
+import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import yaml
-from prefect.states import Completed, Failed
 
-from llama_adapter_v2.config import Config, load_config
-from llama_adapter_v2.stages import read_stages, stage_key, training_identity
+from llama_adapter_v2.cli.train_cmd import torchrun_command, training_processes
+from llama_adapter_v2.config import load_config
+from llama_adapter_v2.stages import (
+    lock_entries,
+    merge_lock,
+    pipeline_config,
+    pool_groups,
+    read_stages,
+    upstream_of,
+    write_overrides,
+)
+
+DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 @pytest.fixture(scope="module")
@@ -25,31 +38,6 @@ def flows(repo_root: Path) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def test_cache_keys_follow_the_parameters_dvc_yaml_lists(repo_root: Path) -> None:
-    config = repo_root / "configs" / "demo.yaml"
-    base = load_config(config)
-    more_steps = load_config(config, ["training.steps=7"])
-    other_data = load_config(config, ["data.demo.n_images=12"])
-    other_holdout = load_config(config, ["data.holdout_fraction=0.2"])
-    other_store = load_config(config, ["tracking.uri=http://127.0.0.1:5000"])
-    stages = ("demo-data", "prepare", "validate", "shard", "demo-base", "demo-clip", "train", "evaluate")
-    keys = {stage: stage_key(stage, base, "abc") for stage in stages}
-    assert len(set(keys.values())) == len(stages)
-    assert all(key is not None and key.startswith(f"lav2-{stage}-abc-") for stage, key in keys.items())
-
-    def changed(cfg: Config) -> set[str]:
-        return {stage for stage in stages if stage_key(stage, cfg, "abc") != keys[stage]}
-
-    assert changed(more_steps) == {"train", "evaluate"}  # training: train's param, evaluate downstream
-    assert changed(other_data) == set(stages)  # the demo data feeds every stage
-    # dvc.yaml: shard, demo-base and demo-clip list data.holdout_fraction; train and evaluate follow
-    assert changed(other_holdout) == {"shard", "demo-base", "demo-clip", "train", "evaluate"}
-    # training's result names a run in the store; the data stages' results are the same in any store
-    assert changed(other_store) == {"train", "evaluate"}
-    assert {stage_key(stage, base, "def") for stage in stages}.isdisjoint(keys.values())
-    assert stage_key("train", base, "untracked") is None  # no data version: never cached
 
 
 def test_every_parameter_dvc_yaml_lists_is_written_in_the_shipped_config(repo_root: Path) -> None:
@@ -69,69 +57,126 @@ def test_every_parameter_dvc_yaml_lists_is_written_in_the_shipped_config(repo_ro
 
 def test_dvc_yaml_is_the_stage_list_of_the_flow(flows: ModuleType, repo_root: Path) -> None:
     stages = read_stages(repo_root / "dvc.yaml")
-    assert set(flows.TASK_OF_STAGE) == set(stages) - {"config"}
+    assert pool_groups(stages) == [
+        ("cpu", ["config", "prepare", "validate", "shard"]),
+        ("gpu", ["demo-base", "demo-clip", "baseline", "train", "evaluate", "register"]),
+    ]
+    assert pipeline_config(stages) == "configs/demo.yaml"
     assert stages["train"].upstream == ("shard", "demo-base", "demo-clip")
     assert stages["evaluate"].upstream == ("shard", "demo-base", "demo-clip", "train")
     assert stages["prepare"].params == ("data.captions", "data.instructions") and stages["prepare"].reads_data
     assert not stages["train"].reads_data  # it reads the shards, which read the data
+    # what a gpu worker pulls before its stages: the cpu group's outputs it reads
+    assert upstream_of(stages, pool_groups(stages)[1][1]) == ["shard"]
+    # the flow runs no config but dvc.yaml's
+    assert flows._checked_config("configs/demo.yaml", stages) == "configs/demo.yaml"
+    with pytest.raises(ValueError, match=r"dvc\.yaml's stages read configs/demo\.yaml"):
+        flows._checked_config("configs/llama2-7b.yaml", stages)
 
 
-def test_multi_gpu_training_launches_torchrun(flows: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    command = flows.torchrun_command("configs/demo.yaml", ["training.steps=5"], 4)
-    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node=4", "--no-python"]
-    assert Path(command[4]).name == "lav2"
-    assert command[5:] == ["train", "configs/demo.yaml", "--resume", "--set", "training.steps=5"]
-    monkeypatch.setenv("LAV2_GPUS", "4")
-    assert flows.gpu_count() == 4
+def test_overrides_are_written_into_the_config_with_its_comments(repo_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "configs" / "demo.yaml"
+    config.parent.mkdir()
+    shutil.copy(repo_root / "configs" / "demo.yaml", config)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # the project root of the copy
+    original = config.read_text()
+    assert not write_overrides(config, [])
+    assert write_overrides(config, ["training.steps=7", "tracking.promotion.guards={}"])
+    written = config.read_text()
+    assert "# written by the demo-base stage of dvc.yaml" in written  # comments kept
+    cfg = load_config(config)
+    assert cfg.training.steps == 7 and cfg.tracking.promotion.guards == {}
+    assert not write_overrides(config, ["training.steps=7"])  # the same value again: file unchanged
+    changed = [line for line in written.splitlines() if line not in original.splitlines()]
+    assert len(changed) == 2, changed
 
 
-def test_only_transient_failures_are_retried(flows: ModuleType) -> None:
-    assert flows.retry_only_transient(None, None, Failed(data=ConnectionResetError("peer went away")))
-    assert flows.retry_only_transient(None, None, Failed(data=OSError(errno.EIO, "disk hiccup")))
-    assert flows.retry_only_transient(None, None, Failed(data=TimeoutError("slow server")))
-    assert not flows.retry_only_transient(None, None, Failed(data=FileNotFoundError(2, "no adapter")))
-    assert not flows.retry_only_transient(None, None, Failed(data=FloatingPointError("loss became nan")))
-    assert not flows.retry_only_transient(None, None, Failed(data=ValueError("bad config")))
-    assert not flows.retry_only_transient(None, None, Completed(data=1))
+def test_lock_entries_move_between_checkouts(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    entry = {"cmd": "lav2 data shard configs/demo.yaml", "outs": [{"path": "artifacts/data/shards",
+                                                                   "md5": "0" * 32 + ".dir"}]}
+    recorded = {"schema": "2.0", "stages": {"shard": entry, "prepare": {}}}
+    (first / "dvc.lock").write_text(yaml.safe_dump(recorded))
+    moved = lock_entries(first, ["shard", "train"])  # train never ran there
+    assert moved == {"shard": entry}
+    merge_lock(second, moved)
+    assert yaml.safe_load((second / "dvc.lock").read_text()) == {"schema": "2.0", "stages": {"shard": entry}}
 
 
-def test_prefect_yaml_deployments(repo_root: Path) -> None:
+def _changed(node: object, path: str = "") -> list[str]:
+    """Every dependency or parameter that ``dvc status`` reports as other than deleted."""
+    if isinstance(node, dict):
+        return [found for key, value in node.items() for found in _changed(value, f"{path}/{key}")]
+    if isinstance(node, list):
+        return [found for item in node for found in _changed(item, path)]
+    return [] if node == "deleted" else [f"{path}: {node}"]
+
+
+def test_committed_dvc_lock_matches_the_code_and_config(repo_root: Path) -> None:
+    """dvc.lock is regenerated by `dvc repro` (or `make demo`) and committed. It must record the
+    hashes of the code, the config parameters and the data the tree holds; outputs and the data
+    themselves are absent from a clone (deleted, not changed)."""
+    lock = yaml.safe_load((repo_root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(read_stages(repo_root / "dvc.yaml"))
+    data = yaml.safe_load((repo_root / "data.dvc").read_text())["outs"][0]["md5"]
+    for name, entry in lock.items():
+        for dep in entry.get("deps", []):
+            if dep["path"] == "data":
+                assert dep["md5"] == data, f"{name}: dvc.lock's data is not data.dvc's"
+    status = subprocess.run([DVC, "status", "--json"], cwd=repo_root, capture_output=True, text=True,
+                            check=True, timeout=120).stdout
+    stale = []
+    for stage, changes in json.loads(status).items():
+        for change in changes:
+            if isinstance(change, str):  # "changed command", "always changed"
+                stale.append(f"{stage}: {change}")
+            elif "changed deps" in change:
+                deps = {path: what for path, what in change["changed deps"].items()
+                        if not path.startswith(("artifacts/", "data"))}
+                stale += [f"{stage}{found}" for found in _changed(deps)]
+    advice = "dvc.lock is stale: run `dvc repro` (or `make demo`) and commit dvc.lock"
+    assert not stale, "\n".join([advice, *stale])
+
+
+def test_training_relaunches_under_torchrun_with_the_configured_processes(
+    repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LAV2_GPUS", raising=False)
+    eight = load_config(repo_root / "configs" / "llama2-7b.yaml", ["training.device=cuda"])
+    assert eight.orchestration.gpu_pool.gpus == 8
+    assert training_processes(eight, visible_gpus=8) == 8
+    assert training_processes(eight, visible_gpus=1) == 1  # a laptop: no 8-process launch
+    demo = load_config(repo_root / "configs" / "demo.yaml")
+    assert training_processes(demo, visible_gpus=8) == 1  # the demo asks for one
+    monkeypatch.setenv("LAV2_GPUS", "2")  # the work pool's job variables win
+    assert training_processes(demo, visible_gpus=0) == 2
+    command = torchrun_command(["train", "configs/demo.yaml", "--set", "training.steps=5"], 4)
+    assert Path(command[0]).name == "torchrun" and Path(command[4]).name == "lav2"
+    assert command[1:4] == ["--standalone", "--nproc-per-node=4", "--no-python"]
+    assert command[5:] == ["train", "configs/demo.yaml", "--set", "training.steps=5"]
+
+
+def test_prefect_yaml_deployments(repo_root: Path, flows: ModuleType) -> None:
     spec = yaml.safe_load((repo_root / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"demo-cpu", "train-gpu", "serve-champion"}
+    assert set(deployments) == {"demo-cpu", "demo-pools", "stages-cpu", "stages-gpu", "stages-gpu-docker",
+                                "serve-champion"}
     for deployment in deployments.values():
         path, _, name = deployment["entrypoint"].partition(":")
         assert f"def {name}(" in (repo_root / path).read_text()
-        assert (repo_root / deployment["parameters"]["config_path"]).is_file()
+    stages = read_stages(repo_root / "dvc.yaml")
+    # every pool of dvc.yaml has a stages deployment on a pool of that name
+    targets = deployments["demo-pools"]["parameters"]["deployments"]
+    assert set(targets) == {stage.pool for stage in stages.values()}
+    for pool, target in targets.items():
+        flow_name, _, deployment_name = target.partition("/")
+        assert flow_name == flows.dvc_stages.name
+        assert deployments[deployment_name]["work_pool"]["name"] == pool
+    serving = deployments["serve-champion"]
+    assert serving["work_pool"]["name"] == "gpu" and serving["parameters"]["host"] == "127.0.0.1"
     cpu = deployments["demo-cpu"]["work_pool"]
     assert cpu["name"] == "cpu" and cpu["job_variables"]["env"]["LAV2_GPUS"] == "0"
-    gpu = deployments["train-gpu"]["work_pool"]
-    variables = gpu["job_variables"]
-    [request] = variables["container_create_kwargs"]["device_requests"]
-    assert gpu["name"] == "gpu" and variables["image"]
-    assert variables["gpus"] == request["count"] == int(variables["env"]["LAV2_GPUS"]) == 8
-
-
-def test_checkpoints_of_another_training_are_never_resumed(flows: ModuleType, tmp_path: Path) -> None:
-    checkpoints = tmp_path / "checkpoints" / "step-0000002"
-    checkpoints.mkdir(parents=True)
-    (checkpoints / "MANIFEST.json").write_text("{}")
-    assert flows.claim_checkpoints(tmp_path, "first") == "unknown"  # unrecorded: not trusted
-    assert not (tmp_path / "checkpoints").exists()
-
-    checkpoints.mkdir(parents=True)
-    assert flows.claim_checkpoints(tmp_path, "first") is None  # a retry of the same training resumes
-    assert checkpoints.is_dir()
-    assert flows.claim_checkpoints(tmp_path, "second") == "first"  # changed config or tracking store
-    assert not (tmp_path / "checkpoints").exists()
-    assert (tmp_path / flows.IDENTITY_FILE).read_text() == "second"
-
-
-def test_training_identity_changes_with_training_inputs_only(repo_root: Path) -> None:
-    config = repo_root / "configs" / "demo.yaml"
-    base = training_identity(load_config(config), "abc")
-    assert training_identity(load_config(config), "abc") == base
-    assert training_identity(load_config(config, ["training.steps=7"]), "abc") != base
-    assert training_identity(load_config(config, ["tracking.uri=http://127.0.0.1:5000"]), "abc") != base
-    assert training_identity(load_config(config), "def") != base
-    assert training_identity(load_config(config, ["tracking.promotion.margin=0.5"]), "abc") == base
+    docker = deployments["stages-gpu-docker"]["work_pool"]["job_variables"]
+    [request] = docker["container_create_kwargs"]["device_requests"]
+    assert docker["image"] and docker["gpus"] == request["count"] == int(docker["env"]["LAV2_GPUS"]) == 8

@@ -3,9 +3,10 @@
 One copy of the project (as a fresh clone holds it) and one tiny pipeline run are shared by
 the tests of this module: a real ``prefect server`` on 127.0.0.1, the ``cpu`` process pool,
 ``prefect deploy`` from prefect.yaml, a process worker, the ``demo-cpu`` deployment run with
-overrides for a few steps. The registered champion is then served by ``mlflow models serve``.
-A second run goes to a real ``mlflow server`` instead of the embedded sqlite store.
-Everything started here is stopped here.
+overrides for a few steps. The flow runs dvc.yaml's stages through DVC (the overrides written
+into the copy's config), so a second run reruns no stage. The registered champion is then
+served by ``mlflow models serve``. Two pools, an MLflow server and a lost worker are
+test_pools.py's. Everything started here is stopped here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,11 @@ def _api(url: str, payload: dict[str, Any] | None = None) -> Any:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     base = tmp_path_factory.mktemp("orchestration")
     root = project_copy(base / "project")
-    return Project(root, project_env(root, base / "prefect-home"), base / "logs")
+    project = Project(root, project_env(root, base / "prefect-home"), base / "logs")
+    project.run("git", "init", "-q")  # a clone: DVC stages what it writes (core.autostage)
+    project.run("git", "add", "-A")
+    project.run("git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "clone")
+    return project
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +186,9 @@ def test_a_second_pipeline_run_changes_no_run_no_version_and_no_decision(
     sets = [arg for item in TINY for arg in ("--set", item)]
     output = project.run(str(BIN / "lav2"), "pipeline", "configs/demo.yaml", *sets, timeout=400).stdout
     assert f"version {version.version}" in output
+    assert "stages run        none" in output  # DVC: every stage matched dvc.lock
+    status = json.loads(project.run(str(BIN / "dvc"), "status", "--json").stdout)
+    assert set(status) <= {"data.dvc"}, status  # the tiny demo data is not the data data.dvc records
 
     assert _as_it_was(client.get_run(training.info.run_id)) == _as_it_was(training)
     again = client.get_model_version("llama-adapter-v2-demo", version.version)
@@ -243,52 +250,3 @@ def test_served_champion_answers_and_rejects_bad_requests(served_champion: str, 
     status, body = _post(served_champion, good[:1])  # still serving after the bad requests
     assert status == 200
     assert body["predictions"][0]["answer"] == answers[0]  # greedy decoding: same image, same answer
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(project: Project) -> Iterator[str]:
-    port = free_port()
-    store = project.root.parent / "mlflow-server"
-    log = project.logs / "mlflow-server.log"
-    server = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                    "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                    "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-                   project.env, log, project.root)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", server, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(server)
-
-
-def _task_states(prefect_api: str, flow_run_ids: list[str]) -> dict[str, str]:
-    runs = _api(f"{prefect_api}/task_runs/filter",
-                {"flow_runs": {"id": {"any_": flow_run_ids}}, "limit": 200})
-    return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in runs}
-
-
-def test_same_pipeline_against_mlflow_server_reuses_cached_data_stages(
-    project: Project, deployment_run: dict[str, Any], prefect_api: str, mlflow_server: str
-) -> None:
-    assert deployment_run["state"]["type"] == "COMPLETED", deployment_run["worker_log"]
-    overrides = [*TINY, f"tracking.uri={mlflow_server}"]
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    started = datetime.now(UTC).isoformat()
-    output = project.run(str(BIN / "lav2"), "pipeline", "configs/demo.yaml", *sets, timeout=400).stdout
-    assert "registered model  llama-adapter-v2-demo version 1 @champion" in output
-
-    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    summary = json.loads((project.root / "artifacts" / "pipeline" / "last-run.json").read_text())
-    run = client.get_run(summary["train"]["run_id"])
-    assert run.info.status == "FINISHED"
-    version = client.get_model_version_by_alias("llama-adapter-v2-demo", "champion")
-    assert version.run_id == run.info.run_id
-    downloaded = Path(client.download_artifacts(run.info.run_id, "adapter", str(project.root.parent / "dl")))
-    assert (downloaded / "adapter.json").is_file()  # artifacts went through the server to its destination
-    assert (project.root.parent / "mlflow-server" / "artifacts").is_dir()
-
-    flows = _api(f"{prefect_api}/flow_runs/filter", {"flow_runs": {"start_time": {"after_": started}}})
-    assert len(flows) == 7  # the pipeline and its six sub-flows (the zero-init baseline's among them)
-    states = _task_states(prefect_api, [run["id"] for run in flows])
-    assert states["validate"] == "Cached" and states["shard"] == "Cached"  # same data, same config
-    assert states["train"] == "Completed"  # another tracking server: a new run there

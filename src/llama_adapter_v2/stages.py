@@ -1,45 +1,39 @@
-"""The pipeline's stages as ``dvc.yaml`` declares them, and the cache key each gets in the Prefect flow.
+"""The pipeline's stages as ``dvc.yaml`` declares them: the one list that DVC and the Prefect flow share.
 
-``dvc.yaml`` is the one list: for every stage its config parameters (``params``), and through
-its ``deps`` and ``outs`` the stages it reads from. The Prefect flow keys a stage's cached
-result on the values of those parameters, the keys of the stages upstream of it and, for a
-stage that reads ``data``, the data version (the md5 ``data.dvc`` records; with a demo config
-also the ``data.demo`` section, since the flow regenerates absent demo data from it). So a
-parameter added to a stage in ``dvc.yaml`` reaches the flow's cache with no second edit.
-Training's cached result names a run of one MLflow store (its run id), so the store is in the
-train key and, through it, in the key of every stage downstream; the data stages' results do
-not depend on the store, and another store reuses them.
+``dvc.yaml`` names, for every stage, its command, its config parameters, its dependencies and
+outputs, and (in ``meta.pool``) the work pool it belongs on. The flow reads that here and runs
+each stage through ``dvc repro --single-item``, so it never keeps a second list that could
+drift from DVC's. What moves between workers that share no filesystem is what DVC itself
+records: the ``dvc.lock`` entries of the stages one worker ran (small YAML, passed by the
+orchestrator) and the outputs they name (``dvc push`` / ``dvc pull`` through the remote).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from ruamel.yaml import YAML
 
-from llama_adapter_v2.config.schema import Config
-from llama_adapter_v2.environment import project_root
-from llama_adapter_v2.store import UNTRACKED, tracking_uri
+from llama_adapter_v2.config.loader import apply_overrides, read_yaml
 
 DVC_FILE = "dvc.yaml"
+LOCK_FILE = "dvc.lock"
 DATA_DEP = "data"  # the folder data.dvc versions
-# Not a dvc.yaml stage: DVC versions the demo data in data.dvc; the flow generates it when absent.
-DEMO_DATA = "demo-data"
-# The stages whose results name a run in the MLflow store.
-MAKES_RUNS = frozenset({"train"})
+DATA_FILE = "data.dvc"
+DEFAULT_POOL = "cpu"
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     params: tuple[str, ...]
+    params_files: tuple[str, ...]
     upstream: tuple[str, ...]
     reads_data: bool
+    pool: str
 
 
 def _paths(entries: list[Any]) -> list[str]:
@@ -47,12 +41,19 @@ def _paths(entries: list[Any]) -> list[str]:
     return [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
 
 
-def _params(entries: list[Any]) -> tuple[str, ...]:
-    """Parameter names, whatever params file each is listed under."""
+def _params(entries: list[Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Parameter names, and the params files they are read from (DVC's default: params.yaml)."""
     names: list[str] = []
+    files: list[str] = []
     for entry in entries:
-        names += [entry] if isinstance(entry, str) else [key for keys in entry.values() for key in keys]
-    return tuple(names)
+        if isinstance(entry, str):
+            names.append(entry)
+            files.append("params.yaml")
+            continue
+        for file, keys in entry.items():
+            names += keys
+            files.append(file)
+    return tuple(names), tuple(dict.fromkeys(files))
 
 
 def _within(path: str, folder: str) -> bool:
@@ -60,58 +61,84 @@ def _within(path: str, folder: str) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def outputs(spec: dict[str, Any]) -> list[str]:
+    """Every path a stage writes: outs, metrics and plots."""
+    return _paths(spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []))
+
+
 def read_stages(dvc_file: Path) -> dict[str, Stage]:
-    """Every stage of ``dvc_file``, in file order, with the stages whose outputs it depends on."""
+    """Every stage of ``dvc_file`` in file order, with the stages whose outputs it reads."""
     raw: dict[str, dict[str, Any]] = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"]
-    outputs = {name: _paths(spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []))
-               for name, spec in raw.items()}
+    written = {name: outputs(spec) for name, spec in raw.items()}
     stages = {}
     for name, spec in raw.items():
         deps = _paths(spec.get("deps", []))
-        upstream = tuple(other for other, outs in outputs.items() if other != name
+        upstream = tuple(other for other, outs in written.items() if other != name
                          and any(_within(dep, out) or _within(out, dep) for dep in deps for out in outs))
-        stages[name] = Stage(name, _params(spec.get("params", [])), upstream, DATA_DEP in deps)
-    stages[DEMO_DATA] = Stage(DEMO_DATA, ("data.demo",), (), reads_data=False)
+        params, files = _params(spec.get("params", []))
+        pool = (spec.get("meta") or {}).get("pool", DEFAULT_POOL)
+        stages[name] = Stage(name, params, files, upstream, DATA_DEP in deps, pool)
     return stages
 
 
-@cache
-def project_stages() -> dict[str, Stage]:
-    return read_stages(project_root() / DVC_FILE)
+def pipeline_config(stages: dict[str, Stage]) -> str:
+    """The one config file every stage reads its parameters from (dvc.yaml's params file)."""
+    files = {file for stage in stages.values() for file in stage.params_files}
+    if len(files) != 1:
+        raise ValueError(f"{DVC_FILE}: the stages read parameters from {sorted(files)}; the flow needs one")
+    return files.pop()
 
 
-def section(cfg: Config, dotted: str) -> Any:
-    """The value of one dotted config key, as JSON data."""
-    node: Any = cfg.model_dump(mode="json")
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+def pool_groups(stages: dict[str, Stage]) -> list[tuple[str, list[str]]]:
+    """Consecutive stages on one pool, in order: each group is one flow run on a worker of that pool."""
+    groups: list[tuple[str, list[str]]] = []
+    for stage in stages.values():
+        if groups and groups[-1][0] == stage.pool:
+            groups[-1][1].append(stage.name)
+        else:
+            groups.append((stage.pool, [stage.name]))
+    return groups
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+def upstream_of(stages: dict[str, Stage], names: list[str]) -> list[str]:
+    """The stages outside ``names`` whose outputs the stages in ``names`` read (what a worker pulls)."""
+    wanted = [other for name in names for other in stages[name].upstream if other not in names]
+    return list(dict.fromkeys(wanted))
 
 
-def stage_digest(name: str, cfg: Config, data_version: str) -> str:
-    """What the stage's output depends on: its parameters, its upstream stages and the data."""
-    stage = project_stages()[name]
-    payload: dict[str, Any] = {"params": {key: section(cfg, key) for key in stage.params}}
-    payload["upstream"] = {other: stage_digest(other, cfg, data_version) for other in stage.upstream}
-    if stage.reads_data:
-        payload["data"] = [data_version, section(cfg, "data.demo")]
-    if name in MAKES_RUNS:
-        payload["store"] = tracking_uri(cfg)
-    return _digest(payload)
+def write_overrides(config_file: Path, overrides: list[str]) -> bool:
+    """Write ``dotted.key=value`` overrides into the config file, comments kept, as ``dvc exp run
+    --set-param`` does: DVC reads parameters from the file, so a run's dvc.lock records what it ran
+    with. Returns whether the file changed."""
+    if not overrides:
+        return False
+    read_yaml(config_file)  # the loader's checks (UTF-8, unique keys) before round-tripping
+    editor = YAML()
+    editor.preserve_quotes = True
+    editor.width = 4096
+    editor.indent(mapping=2, sequence=4, offset=2)  # the configs' own layout
+    document = editor.load(config_file.read_text(encoding="utf-8"))
+    apply_overrides(document, overrides, config_file)
+    before = config_file.read_text(encoding="utf-8")
+    with config_file.open("w", encoding="utf-8") as handle:
+        editor.dump(document, handle)
+    return config_file.read_text(encoding="utf-8") != before
 
 
-def stage_key(name: str, cfg: Config, data_version: str) -> str | None:
-    """The flow's cache key of a stage; None (no caching) for untracked data."""
-    if data_version == UNTRACKED:
-        return None
-    return f"lav2-{name}-{data_version}-{stage_digest(name, cfg, data_version)}"
+def lock_entries(root: Path, names: list[str]) -> dict[str, Any]:
+    """The dvc.lock entries of ``names`` (the hashes of what those stages read and wrote)."""
+    lock = root / LOCK_FILE
+    recorded = yaml.safe_load(lock.read_text(encoding="utf-8"))["stages"] if lock.is_file() else {}
+    return {name: recorded[name] for name in names if name in recorded}
 
 
-def training_identity(cfg: Config, data_version: str) -> str:
-    """What a checkpoint must have been trained on to be resumed: the train stage's inputs, and the
-    store that holds the run its checkpoints name."""
-    return stage_digest("train", cfg, data_version)
+def merge_lock(root: Path, entries: dict[str, Any]) -> None:
+    """Record another worker's stage entries in this checkout's dvc.lock, so ``dvc pull`` fetches
+    their outputs and ``dvc repro`` sees those stages as done."""
+    if not entries:
+        return
+    lock = root / LOCK_FILE
+    recorded = yaml.safe_load(lock.read_text(encoding="utf-8")) if lock.is_file() else None
+    recorded = recorded or {"schema": "2.0", "stages": {}}
+    recorded["stages"].update(entries)
+    lock.write_text(yaml.safe_dump(recorded, sort_keys=False), encoding="utf-8")

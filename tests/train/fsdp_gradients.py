@@ -41,6 +41,7 @@ def main(config: Path, out: Path) -> None:
         variant_cfg = tiny_config(config, out.parent / variant, "training.batch_size=2", *shared, *own)
         trainer = Trainer(variant_cfg, ctx)
         report[variant], compared[variant] = _compare(reference, trainer)
+        del reference, trainer  # before shutdown: see distributed.shutdown
     if ctx.is_main:
         out.write_text(json.dumps({"difference": report, "tensors": compared}))
     shutdown(ctx)

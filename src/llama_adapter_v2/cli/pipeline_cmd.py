@@ -3,7 +3,9 @@
 The flow lives in ``flows/pipeline.py`` of the checkout (the library never imports flows/);
 it is loaded the way a Prefect worker loads a deployment's entrypoint. Without
 ``PREFECT_API_URL`` Prefect starts a temporary local server whose database stays under
-``PREFECT_HOME`` (``.prefect/``), so ``prefect server start`` shows the runs afterwards.
+``PREFECT_HOME`` (``.prefect/``), so ``prefect server start`` shows the runs afterwards. The flow
+runs dvc.yaml's stages through ``dvc repro``; ``--set`` overrides are written into the config
+file first (DVC reads the file).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def summary_lines(summary: dict[str, Any], wall_seconds: float) -> list[str]:
         f"registered model  {version['name']} version {version['version']} {alias}",
         f"promotion         {decision['outcome']}: {decision['reason']}",
         f"data hash         {summary['data_hash']}",
-        f"training          {summary['train']['seconds']:.1f} s, MLflow run {summary['train']['run_id']}",
+        f"stages run        {', '.join(summary['stages_run']) or 'none (dvc.lock matched every stage)'}",
+        f"training          MLflow run {summary['train']['run_id']}",
         "metrics           " + ", ".join(f"{name}={metrics[name]:.4g}" for name in dict.fromkeys(headline)),
         f"all metrics       {summary['metrics_file']} ({len(metrics)} values)",
         f"wall time         {wall_seconds:.1f} s",
@@ -41,7 +44,7 @@ def summary_lines(summary: dict[str, Any], wall_seconds: float) -> list[str]:
 
 
 def pipeline(config: ConfigFile, overrides: Overrides = None) -> None:
-    """Run validate-data -> train -> evaluate -> register -> promote and print a summary."""
+    """Run dvc.yaml's stages through DVC (prepare ... register) and print a summary."""
     load_or_exit(config, overrides)  # a bad config fails here, before Prefect starts
     from prefect.flows import load_flow_from_entrypoint  # noqa: PLC0415 - lazy: CLI starts without Prefect (2 s)
 

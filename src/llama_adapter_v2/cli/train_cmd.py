@@ -5,11 +5,39 @@ Each command imports the library when it runs (marked ``lazy``): ``lav2 --help``
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llama_adapter_v2.cli.terminal import ConfigFile, Overrides, errors_exit, load_or_exit, log_to_stderr
+
+if TYPE_CHECKING:
+    from llama_adapter_v2.config import Config
+
+# The work pool's job variables set it (prefect.yaml); it overrides the config's gpu_pool.gpus.
+PROCESSES_ENV = "LAV2_GPUS"
+
+
+def training_processes(cfg: Config, visible_gpus: int) -> int:
+    """How many processes this training wants: ``LAV2_GPUS`` when set, else the config's
+    ``orchestration.gpu_pool.gpus`` on a machine that has that many GPUs, else one. So a gpu-pool
+    worker and ``dvc repro`` on the same machine train with the same world size, and the 8-GPU
+    configs do not spawn 8 processes on a laptop."""
+    if value := os.environ.get(PROCESSES_ENV):
+        return max(int(value), 1)
+    wanted = cfg.orchestration.gpu_pool.gpus
+    return wanted if 1 < wanted <= visible_gpus and cfg.training.device != "cpu" else 1
+
+
+def torchrun_command(arguments: list[str], processes: int) -> list[str]:
+    """The same ``lav2`` command line under torchrun, one process per GPU (gloo on CPU)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    lav2 = shutil.which("lav2") or str(Path(sys.executable).with_name("lav2"))
+    return [torchrun, "--standalone", f"--nproc-per-node={processes}", "--no-python", lav2, *arguments]
 
 
 def train(
@@ -19,12 +47,19 @@ def train(
         bool, typer.Option("--resume", help="Continue from the newest complete checkpoint")
     ] = False,
 ) -> None:
-    """Train the adapter of CONFIG (run under `torchrun --nproc_per_node N` for DDP)."""
+    """Train the adapter of CONFIG; with LAV2_GPUS=N (or N GPUs the config asks for) under torchrun."""
     from llama_adapter_v2 import store  # noqa: PLC0415 - lazy: CLI starts without torch
     from llama_adapter_v2.train import loop  # noqa: PLC0415 - lazy, as above
 
     log_to_stderr()
     cfg = load_or_exit(config, overrides)
+    if "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        import torch  # noqa: PLC0415 - lazy, as above
+
+        if (processes := training_processes(cfg, torch.cuda.device_count())) > 1:
+            command = torchrun_command(sys.argv[1:], processes)
+            typer.echo(f"launching {' '.join(command)}", err=True)
+            os.execv(command[0], command)
     with errors_exit(store.TrackingUnavailableError, FileExistsError, code=3):
         result = loop.train(cfg, resume=resume)
     summary = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.final_metrics.items()))

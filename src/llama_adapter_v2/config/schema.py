@@ -324,6 +324,9 @@ class CheckpointConfig(Strict):
 class DistributedConfig(Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # A collective that waits this long for another rank raises: the rank exits and torchrun
+    # stops the job instead of leaving it waiting (torch's own default is 30 min for gloo).
+    timeout_s: PositiveInt = 1800
 
 
 class DemoBaseTraining(Strict):

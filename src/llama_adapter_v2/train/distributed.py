@@ -22,9 +22,12 @@ run is a single process and nothing here touches torch.distributed.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -72,13 +75,37 @@ def init_distributed(training: TrainingConfig) -> DistContext:
         backend = training.distributed.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # a collective that waits longer than this raises, so the rank exits and torchrun stops the job
+        timeout = timedelta(seconds=training.distributed.timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+# A rank still tearing down after this long dumps every thread's stack and exits with status 1.
+TEARDOWN_TIMEOUT_S = 120
+
+
 def shutdown(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
+    """Destroy the process group once nothing else holds it, under a watchdog.
+
+    DDP's reducer holds the group from C++: freed after the group left torch.distributed, it
+    was the group's last holder, and ``~ProcessGroupGloo`` joined gloo's worker threads with
+    the GIL held while a worker waited for the GIL to free the tensors of the last collective:
+    a deadlock (about one run in four on a busy machine; rank 0, slower at the end, got past it,
+    so torchrun saw rank 0 done and rank 1 alive for ever). So the caller frees its model first,
+    the garbage collector frees any cycle around it, and the group's last holder is then its
+    Python object, whose destructor releases the GIL. The watchdog turns any other hang here
+    into a failed rank with the stacks on stderr, which torchrun reports and stops the job for.
+    """
+    if not (ctx.distributed and dist.is_initialized()):
+        return
+    gc.collect()
+    faulthandler.dump_traceback_later(TEARDOWN_TIMEOUT_S, exit=True)
+    try:
         dist.destroy_process_group()
+        gc.collect()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:

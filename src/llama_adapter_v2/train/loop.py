@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,28 +252,39 @@ def finish_run(trainer: Trainer, tracker: Tracker, seconds: float) -> TrainResul
 
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
-    """Train the adapter as ``cfg`` says; under ``torchrun`` each process calls this."""
+    """Train the adapter as ``cfg`` says; under ``torchrun`` each process calls this.
+
+    The trainer (its DDP or FSDP wrapper holds the process group from C++) is gone before the
+    process group is destroyed, also when training raises: see ``distributed.shutdown``.
+    """
     started = time.perf_counter()
     ctx = init_distributed(cfg.training)
     try:
-        if cfg.tracking.enabled and ctx.is_main:
-            check_reachable(tracking_uri(cfg))  # before any work: an unreachable server fails now
-        trainer = Trainer(cfg, ctx)
-        loaded = checkpoint_to_resume(trainer.checkpoints, resume)
-        if loaded is not None:
-            restore(trainer, loaded)
-            LOG.info("resuming from %s (step %d)", loaded.folder, loaded.step)
-        tracker = open_tracking(cfg, ctx, trainer)
-        status = "FAILED"
-        try:
-            if trainer.step == 0:
-                initial = holdout_losses(trainer)
-                tracker.log_step(0, {f"holdout/{task}": value for task, value in initial.items()})
-            run_steps(trainer, tracker)
-            result = finish_run(trainer, tracker, time.perf_counter() - started)
-            status = "FINISHED"
-            return result
-        finally:
-            tracker.close(status)
+        return _train(cfg, ctx, resume, started)
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # the traceback would keep the trainer alive
+        raise
     finally:
         shutdown(ctx)
+
+
+def _train(cfg: Config, ctx: DistContext, resume: bool, started: float) -> TrainResult:
+    if cfg.tracking.enabled and ctx.is_main:
+        check_reachable(tracking_uri(cfg))  # before any work: an unreachable server fails now
+    trainer = Trainer(cfg, ctx)
+    loaded = checkpoint_to_resume(trainer.checkpoints, resume)
+    if loaded is not None:
+        restore(trainer, loaded)
+        LOG.info("resuming from %s (step %d)", loaded.folder, loaded.step)
+    tracker = open_tracking(cfg, ctx, trainer)
+    status = "FAILED"
+    try:
+        if trainer.step == 0:
+            initial = holdout_losses(trainer)
+            tracker.log_step(0, {f"holdout/{task}": value for task, value in initial.items()})
+        run_steps(trainer, tracker)
+        result = finish_run(trainer, tracker, time.perf_counter() - started)
+        status = "FINISHED"
+        return result
+    finally:
+        tracker.close(status)
