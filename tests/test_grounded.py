@@ -8,16 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from tiny_adapted import random_gates, tiny_config, write_tiny_base
+
 from llama_adapter_v2.config.schema import GroundedSource
-from llama_adapter_v2.data.demo import GROUNDED_ATTRIBUTES, grounded_questions, plan_image
+from llama_adapter_v2.data.demo import GROUNDED_ATTRIBUTES, description, draw, grounded_questions, plan_image
+from llama_adapter_v2.data.formatting import alpaca_prompt
 from llama_adapter_v2.evaluate.grounded import (
     blank_image,
     caption_names,
     chance_level,
+    evaluate_grounded,
     is_right,
     named_values,
     read_grounded,
 )
+from llama_adapter_v2.infer.generation import GenerationSettings, Prompt, generate_texts
+from llama_adapter_v2.model.build import build_model, load_tokenizer
 from llama_adapter_v2.model.vision import ClipImageTransform
 
 
@@ -100,3 +106,49 @@ def test_probe_set_is_written_beside_the_demo(demo_data_config) -> None:
     training = {Path(p).name for p in Path(demo_data_config.data.captions[0].images).iterdir()}
     assert not images & training  # new drawings, never a training image
     assert len({row["id"] for row in rows}) == len(rows)
+    for row in rows:  # the text control's input names the answer (the count is said as a template)
+        if row["attribute"] != "count":
+            assert row["answer"] in named_values(row["attribute"], row["description"]), row
+
+
+def test_a_scene_description_names_every_attribute_but_the_count() -> None:
+    rng = random.Random(5)
+    for index in range(100):
+        image = plan_image(rng, index)
+        said = description(image)
+        colours = {s.colour for s in image.shapes}
+        assert named_values("colour", said) == colours | {image.background}
+        assert named_values("shape", said) == {s.kind for s in image.shapes}
+        assert named_values("place", said) == {s.place for s in image.shapes}
+
+
+def test_the_text_control_asks_about_the_description_without_an_image(tmp_path: Path) -> None:
+    cfg = tiny_config(write_tiny_base(tmp_path / "base"))
+    model = build_model(cfg).eval()
+    random_gates(model)
+    tokenizer = load_tokenizer(cfg)
+    rng = random.Random(0)
+    rows = []
+    for index in range(3):
+        image = plan_image(rng, index, prefix="probe")
+        draw(image, 32).save(tmp_path / image.file_name)
+        rows += [{"id": f"{index}:{q.attribute}", "image": image.file_name, "attribute": q.attribute,
+                  "question": q.question, "answer": q.answer, "description": description(image)}
+                 for q in grounded_questions(rng, image)]
+    source = GroundedSource(questions=tmp_path / "q.json", images=tmp_path)
+    source.questions.write_text(json.dumps(rows))
+    metrics = evaluate_grounded(model, tokenizer, source, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "grounded.json").read_text())["questions"]
+    by_hand = generate_texts(model, tokenizer, [Prompt(alpaca_prompt(r["question"], r["description"]))
+                                                for r in rows], GenerationSettings(max_new_tokens=12))
+    assert [r["text_answer"] for r in report] == by_hand
+    for attribute in GROUNDED_ATTRIBUTES:
+        hits = [r["text_right"] for r in report if r["attribute"] == attribute]
+        assert metrics[f"grounded_accuracy_text_{attribute}"] == sum(hits) / len(hits)
+    assert metrics["grounded_accuracy_text"] == pytest.approx(
+        sum(metrics[f"grounded_accuracy_text_{a}"] for a in GROUNDED_ATTRIBUTES) / len(GROUNDED_ATTRIBUTES))
+    # a question file without descriptions (any other than the demo's) has no text control
+    source.questions.write_text(json.dumps([{k: v for k, v in r.items() if k != "description"} for r in rows]))
+    plain = evaluate_grounded(model, tokenizer, source, tmp_path / "plain")
+    assert not [name for name in plain if "_text" in name]
+    assert plain["grounded_accuracy"] == metrics["grounded_accuracy"]

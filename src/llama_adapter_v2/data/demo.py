@@ -297,6 +297,13 @@ def conversations(rng: random.Random, images: list[DrawnImage], count: int) -> l
     return items
 
 
+def description(image: DrawnImage) -> str:
+    """True captions of the drawing that together name every shape's colour, kind and side and the
+    background: the scene in words, for the grounded questions' text control."""
+    options = captions_for(image, 2)
+    return options[0] if len(image.shapes) == 1 else " ".join(options)
+
+
 def probe_questions(rng: random.Random, images: list[DrawnImage]) -> list[dict[str, str]]:
     """The grounded evaluation set: every attribute question about every probe drawing."""
     rows = []
@@ -304,7 +311,7 @@ def probe_questions(rng: random.Random, images: list[DrawnImage]) -> list[dict[s
         for question in grounded_questions(rng, image):
             rows.append({"id": f"{Path(image.file_name).stem}:{question.attribute}", "image": image.file_name,
                          "attribute": question.attribute, "question": question.question,
-                         "answer": question.answer})
+                         "answer": question.answer, "description": description(image)})
     return rows
 
 

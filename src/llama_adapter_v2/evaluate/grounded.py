@@ -8,6 +8,12 @@ colour earns nothing. The same questions are asked with every image replaced by 
 falls to chance there, a model that answers from the question's wording does not. Chance is
 the share of the most common true answer, what a blind answerer that knows the answer
 distribution gets by always giving it.
+
+Where the question file describes each scene in words (``description``, as the demo's does), the
+same questions are also asked with that description as the input and no image: the text
+control. It bounds what the visual path can give: a base that cannot answer "What colour is the
+shape?" about "A red circle on the left." will not answer it about a picture of one either, so a
+low grounded accuracy with a low text control points at the base, not at the vision tower.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ class GroundedItem:
     attribute: str
     question: str
     answer: str
+    description: str = ""  # the scene in words (optional): the text control asks about it
+
+
+REQUIRED_FIELDS = ("id", "image", "attribute", "question", "answer")
 
 
 def read_grounded(source: GroundedSource) -> list[GroundedItem]:
@@ -56,13 +66,16 @@ def read_grounded(source: GroundedSource) -> list[GroundedItem]:
     items = []
     for position, row in enumerate(rows):
         fields = GroundedItem.__dataclass_fields__
-        missing = [key for key in fields if not isinstance(row, dict) or not isinstance(row.get(key), str)]
+        missing = [key for key in REQUIRED_FIELDS
+                   if not isinstance(row, dict) or not isinstance(row.get(key), str)]
         if missing:
             raise ValueError(f"{path}: row {position}: needs text fields {missing}")
+        if not isinstance(row.get("description", ""), str):
+            raise ValueError(f"{path}: row {position}: 'description' must be text")
         if row["attribute"] not in VOCABULARY:
             raise ValueError(f"{path}: row {position}: attribute {row['attribute']!r} is not one of "
                              f"{sorted(VOCABULARY)}")
-        items.append(GroundedItem(**{key: row[key] for key in fields}))
+        items.append(GroundedItem(**{key: row[key] for key in fields if key in row}))
     return items
 
 
@@ -150,7 +163,8 @@ def evaluate_grounded(
     model: Any, tokenizer: Any, source: GroundedSource, out: Path, *, max_new_tokens: int = 12,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """``grounded_accuracy[_<attribute>]``, the blind control's and the chance levels; rows to ``out``."""
+    """``grounded_accuracy[_<attribute>]``, the blind and text controls' and the chance levels; rows
+    to ``out``."""
     items = read_grounded(source)
     if not items:
         raise ValueError(f"{source.questions}: no grounded questions")
@@ -169,19 +183,28 @@ def evaluate_grounded(
         attribute: chance_level([i.answer for i in items if i.attribute == attribute])
         for attribute in sorted({i.attribute for i in items})
     }
+    described = all(item.description for item in items)
+    in_words = generate_texts(
+        model, tokenizer, [Prompt(alpaca_prompt(i.question, i.description)) for i in items], settings
+    ) if described else [""] * len(items)
     metrics = _summary("grounded_accuracy", _accuracies(items, seen))
     metrics |= _summary("grounded_accuracy_blind", _accuracies(items, blind))
+    if described:
+        metrics |= _summary("grounded_accuracy_text", _accuracies(items, in_words))
     metrics |= _summary("grounded_chance", chance)
     caption_settings = GenerationSettings(max_new_tokens=32, batch_size=batch_size)
     caption_metrics, caption_rows = _caption_metrics(
         model, tokenizer, items, images=images, blank=blank, settings=caption_settings
     )
     metrics |= caption_metrics
+    text_rows = [{"text_answer": text, "text_right": is_right(item.attribute, text, item.answer)}
+                 if described else {} for item, text in zip(items, in_words, strict=True)]
     rows = [
         {"id": item.id, "attribute": item.attribute, "question": item.question, "truth": item.answer,
          "answer": answer, "right": is_right(item.attribute, answer, item.answer),
          "blind_answer": blind_answer, "blind_right": is_right(item.attribute, blind_answer, item.answer)}
-        for item, answer, blind_answer in zip(items, seen, blind, strict=True)
+        | text_row
+        for item, answer, blind_answer, text_row in zip(items, seen, blind, text_rows, strict=True)
     ]
     out.mkdir(parents=True, exist_ok=True)
     report = {"questions": rows, "captions": caption_rows}

@@ -27,7 +27,7 @@ OTHER_METRICS = (("caption_cider", "caption CIDEr-D"), ("caption_meteor", "METEO
                  ("grounded_caption_shape_blind", "the same with a blank image"),
                  ("grounded_caption_colour", "naming the drawn colour"),
                  ("grounded_caption_colour_blind", "the same with a blank image"))
-GROUNDED_COLUMNS = ("grounded_accuracy", "grounded_accuracy_blind", "grounded_chance")
+GROUNDED_COLUMNS = ("grounded_accuracy", "grounded_accuracy_blind", "grounded_accuracy_text", "grounded_chance")
 
 
 def _is_number(value: object) -> bool:
@@ -124,8 +124,10 @@ def _cell(reference: dict[str, ReferenceFigure], name: str) -> str:
 
 
 def readme_block(reference: dict[str, ReferenceFigure]) -> str:
-    """README's demo-figures block: the grounded table (image, blank image, chance) and the rest."""
-    rows = ["| attribute | with the image | blank image | chance |", "|---|---|---|---|"]
+    """README's demo-figures block: the grounded table (image, blank image, the scene in words,
+    chance) and the rest."""
+    rows = ["| attribute | with the image | blank image | scene in words, no image | chance |",
+            "|---|---|---|---|---|"]
     for key, label in ATTRIBUTES:
         cells = [_cell(reference, f"{column}_{key}") for column in GROUNDED_COLUMNS]
         rows.append(f"| {label} | {' | '.join(cells)} |")
