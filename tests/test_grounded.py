@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from tiny_adapted import random_gates, tiny_config, write_tiny_base
 
 from llama_adapter_v2.config.schema import GroundedSource
@@ -148,7 +147,8 @@ def test_the_text_control_asks_about_the_description_without_an_image(tmp_path: 
     assert metrics["grounded_accuracy_text"] == pytest.approx(
         sum(metrics[f"grounded_accuracy_text_{a}"] for a in GROUNDED_ATTRIBUTES) / len(GROUNDED_ATTRIBUTES))
     # a question file without descriptions (any other than the demo's) has no text control
-    source.questions.write_text(json.dumps([{k: v for k, v in r.items() if k != "description"} for r in rows]))
+    undescribed = [{key: value for key, value in row.items() if key != "description"} for row in rows]
+    source.questions.write_text(json.dumps(undescribed))
     plain = evaluate_grounded(model, tokenizer, source, tmp_path / "plain")
     assert not [name for name in plain if "_text" in name]
     assert plain["grounded_accuracy"] == metrics["grounded_accuracy"]

@@ -27,7 +27,9 @@ OTHER_METRICS = (("caption_cider", "caption CIDEr-D"), ("caption_meteor", "METEO
                  ("grounded_caption_shape_blind", "the same with a blank image"),
                  ("grounded_caption_colour", "naming the drawn colour"),
                  ("grounded_caption_colour_blind", "the same with a blank image"))
-GROUNDED_COLUMNS = ("grounded_accuracy", "grounded_accuracy_blind", "grounded_accuracy_text", "grounded_chance")
+GROUNDED_COLUMNS = (
+    "grounded_accuracy", "grounded_accuracy_blind", "grounded_accuracy_text", "grounded_chance"
+)
 
 
 def _is_number(value: object) -> bool:
