@@ -31,7 +31,7 @@ from PIL import Image
 from llama_adapter_v2.config.schema import GroundedSource
 from llama_adapter_v2.data.formatting import alpaca_prompt
 from llama_adapter_v2.data.records import CAPTION_INSTRUCTION
-from llama_adapter_v2.infer.generation import GenerationSettings, Prompt, generate_texts
+from llama_adapter_v2.infer.generation import GenerationSettings, Prompt, generate_texts, instruction_prompt
 
 CLIP_MEAN_RGB = (123, 117, 104)  # round(255 * CLIP_MEAN): a blank image is zero after normalisation
 COLOUR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "gray", "black")
@@ -183,13 +183,13 @@ def evaluate_grounded(
         attribute: chance_level([i.answer for i in items if i.attribute == attribute])
         for attribute in sorted({i.attribute for i in items})
     }
-    described = all(item.description for item in items)
-    in_words = generate_texts(
-        model, tokenizer, [Prompt(alpaca_prompt(i.question, i.description)) for i in items], settings
-    ) if described else [""] * len(items)
+    in_words = None
+    if all(item.description for item in items):
+        described = [instruction_prompt(item.question, item.description) for item in items]
+        in_words = generate_texts(model, tokenizer, described, settings)
     metrics = _summary("grounded_accuracy", _accuracies(items, seen))
     metrics |= _summary("grounded_accuracy_blind", _accuracies(items, blind))
-    if described:
+    if in_words is not None:
         metrics |= _summary("grounded_accuracy_text", _accuracies(items, in_words))
     metrics |= _summary("grounded_chance", chance)
     caption_settings = GenerationSettings(max_new_tokens=32, batch_size=batch_size)
@@ -197,8 +197,10 @@ def evaluate_grounded(
         model, tokenizer, items, images=images, blank=blank, settings=caption_settings
     )
     metrics |= caption_metrics
-    text_rows = [{"text_answer": text, "text_right": is_right(item.attribute, text, item.answer)}
-                 if described else {} for item, text in zip(items, in_words, strict=True)]
+    text_rows = [{} for _ in items] if in_words is None else [
+        {"text_answer": text, "text_right": is_right(item.attribute, text, item.answer)}
+        for item, text in zip(items, in_words, strict=True)
+    ]
     rows = [
         {"id": item.id, "attribute": item.attribute, "question": item.question, "truth": item.answer,
          "answer": answer, "right": is_right(item.attribute, answer, item.answer),
