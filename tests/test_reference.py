@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama_adapter_v2.evaluate.reference import (
+    MIN_TOLERANCE,
     ReferenceFigure,
     ReferenceFileError,
     deviations,
@@ -23,6 +24,7 @@ from llama_adapter_v2.evaluate.reference import (
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "docs" / "demo-metrics.json"
+RUNS = REPO / "docs" / "reference-runs"  # the runs it is measured from, first one first
 
 
 def test_readme_quotes_exactly_the_reference_file() -> None:
@@ -31,6 +33,13 @@ def test_readme_quotes_exactly_the_reference_file() -> None:
     assert readme_block(reference) in readme
     assert with_readme_block(readme, reference) == readme
     assert set(reference) == set(quoted_metrics())
+
+
+def test_the_reference_file_is_what_measure_makes_of_the_committed_runs() -> None:
+    """No hand-typed figure: `lav2 reference measure docs/reference-runs/*.json` writes it as it is."""
+    runs = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(RUNS.glob("*.json"))]
+    assert len(runs) >= 3  # two thread counts on one machine, and another machine
+    assert measured_reference(runs, quoted_metrics(), MIN_TOLERANCE) == load_reference(REFERENCE)
 
 
 def test_a_figure_holds_within_its_tolerance_only() -> None:

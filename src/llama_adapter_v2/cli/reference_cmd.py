@@ -10,6 +10,7 @@ import typer
 
 from llama_adapter_v2.cli.terminal import errors_exit
 from llama_adapter_v2.evaluate.reference import (
+    MIN_TOLERANCE,
     ReferenceFileError,
     deviations,
     load_reference,
@@ -61,7 +62,7 @@ def readme(
 def measure(
     runs: Annotated[list[Path], typer.Argument(help="two or more runs' eval/metrics.json")],
     out: ReferenceFile = DEFAULT_REFERENCE,
-    min_tolerance: Annotated[float, typer.Option(help="the least tolerance of a figure")] = 0.01,
+    min_tolerance: Annotated[float, typer.Option(help="the least tolerance of a figure")] = MIN_TOLERANCE,
 ) -> None:
     """Write the reference figures README quotes: values of the first run, tolerances from the spread."""
     with errors_exit(ReferenceFileError, OSError, json.JSONDecodeError):
