@@ -268,6 +268,22 @@ def test_visual_bridge_returns_the_projected_query_outputs() -> None:
     assert expected.shape == (2, 3, TINY_LLAMA["hidden_size"])
 
 
+def test_output_gain_scales_the_visual_prompts_and_nothing_else() -> None:
+    """``visual.output_gain`` is the output LayerNorm's initial weight: with its bias at zero the
+    prompts are exactly that many times the gain-1 prompts (a power of two multiplies exactly)."""
+    clip_tokens = torch.randn(2, 17, 48, generator=_generator(61))
+    prompts = {}
+    for gain in (1.0, 4.0):
+        torch.manual_seed(0)
+        bridge = build_model(tiny_config({"visual": {"output_gain": gain}})).eval().visual_bridge
+        assert bridge is not None
+        weight = bridge.visual_proj_norm.weight
+        assert torch.equal(weight, torch.full_like(weight, gain))
+        with torch.no_grad():
+            prompts[gain] = bridge(clip_tokens)
+    assert torch.equal(prompts[4.0], 4 * prompts[1.0])
+
+
 def test_the_visual_path_reaches_the_logits_only_through_a_moved_gate() -> None:
     model = build_model(tiny_config()).eval()
     tokens = token_batch()

@@ -134,6 +134,10 @@ class VisualBridgeConfig(Strict):
     n_blocks: NonNegativeInt = 8
     n_heads: PositiveInt = 16
     mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    output_gain: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="initial weight of the bridge's output LayerNorm, so the visual prompts' "
+        "initial scale (the released code: 1)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> VisualBridgeConfig:
@@ -338,6 +342,10 @@ class DemoBaseTraining(Strict):
     warmup_steps: NonNegativeInt = 20
     max_tokens: PositiveInt = 128
     seed: int = 0
+    reading_texts: NonNegativeInt = Field(
+        default=0, description="generated scenes in words with a question or a restating caption, read "
+        "besides the demo text: the base learns to say back what its context holds (data.demo.reading_tasks)",
+    )
 
 
 class DemoClipTraining(Strict):

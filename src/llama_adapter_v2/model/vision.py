@@ -116,6 +116,7 @@ class VisualBridge(AdapterModule):
         self.visual_proj = nn.Linear(cfg.width, llm_width)
         self.visual_proj_norm = nn.LayerNorm(llm_width)
         nn.init.normal_(self.visual_query)
+        nn.init.constant_(self.visual_proj_norm.weight, cfg.output_gain)
 
     def adapter_params(self) -> dict[str, Trainable]:
         """The whole bridge trains with the captions (visual group); its matrices decay."""
