@@ -8,7 +8,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from llama_adapter_v2.data.demo import BACKGROUNDS, COLOURS, PLACES, generate_demo
+from llama_adapter_v2.data.demo import (
+    BACKGROUNDS,
+    COLOURS,
+    PLACES,
+    RESTATE_EVERY,
+    generate_demo,
+    reading_tasks,
+)
 from llama_adapter_v2.data.shards import split_of
 
 
@@ -93,3 +100,20 @@ def test_image_conversations_ask_every_grounded_question(demo_data_config) -> No
         assert sum(q.startswith(wording) for q in questions) >= 20, wording
     single = [c for c in chats if "image" in c and len(c["conversations"]) == 2]
     assert 60 <= len(single) <= 180  # single questions train the Alpaca-template form users ask in
+
+
+def test_reading_tasks_answer_from_their_own_input_and_restate_one_in_four() -> None:
+    """The demo base's reading texts: what each output says is in its input (so copying from the
+    context is what it learns), one in RESTATE_EVERY restates the scene, and none is a drawing."""
+    tasks = reading_tasks(seed=0, count=40)
+    assert tasks == reading_tasks(seed=0, count=40)
+    assert tasks != reading_tasks(seed=1, count=40)
+    restated = [i for i, task in enumerate(tasks) if task["instruction"] == "Describe the picture."]
+    assert restated == list(range(RESTATE_EVERY - 1, 40, RESTATE_EVERY))
+    vocabulary = set(COLOURS) | set(BACKGROUNDS) | {"circle", "square", "triangle"} | set(PLACES)
+    for task in tasks:
+        if task["instruction"] == "How many shapes are there?":  # counted, not copied
+            continue
+        named = {w.strip(".,:").lower() for w in task["output"].split()} & vocabulary
+        assert named, task
+        assert named <= {w.strip(".,:").lower() for w in task["input"].split()}, task

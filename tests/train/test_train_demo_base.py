@@ -10,7 +10,8 @@ import torch
 from tiny_project import tiny_config
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from llama_adapter_v2.train.demo_base import demo_records, plain_text
+from llama_adapter_v2.data.demo import reading_tasks
+from llama_adapter_v2.train.demo_base import demo_records, plain_text, reading_records
 
 # Recorded from a real run (30 steps of the tiny base on the tiny demo text, CPU, fp32).
 FIRST_LOSS, LAST_LOSS = 5.7658, 4.1934
@@ -46,3 +47,12 @@ def test_the_base_never_sees_held_out_text(tiny_project: Path, tmp_path: Path) -
     held_out = {r.id for r in demo_records(cfg, split="holdout")}
     assert held_out and not held_out & {r.id for r in train_only}
     assert len(train_only) + len(held_out) == len(everything)
+
+
+def test_reading_records_are_read_as_question_scene_answer() -> None:
+    """The base reads each reading task as plain prose: the question, the scene in words, the answer."""
+    records = reading_records(seed=0, count=8)
+    assert [r.id for r in records] == [f"demo-reading:{i}" for i in range(8)]
+    for record, task in zip(records, reading_tasks(0, 8), strict=True):
+        assert record.kind == "instruction" and record.input == task["input"]
+        assert plain_text(record) == f"{task['instruction']}\n{task['input']}\n{task['output']}"

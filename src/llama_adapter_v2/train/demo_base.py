@@ -5,7 +5,10 @@ would leave the adapter to learn language from scratch through a few prompts and
 This demo-only stage trains ``cfg.model.base.arch`` as a causal LM on the demo text of the
 training split as plain prose (captions, instructions with their answers, conversation turns;
 no prompt template, every token learned), like a pretrained base that has read the language
-but never seen the instruction format: following the template is left to the adapter. The
+but never seen the instruction format: following the template is left to the adapter. Beside
+that text it reads ``reading_texts`` generated scenes in words, each followed by a question it
+answers or a caption that restates it: a pretrained LLM's habit of saying back what its context
+holds, without which no prompt, visual or learned, steers the base to a colour. The
 tokenizer is trained on the templated texts so the template tokenizes compactly. The stage
 saves a transformers folder (model + tokenizer) at ``cfg.model.base.path``. It is a DVC
 stage with a cached output, so it runs once per data/code version.
@@ -27,9 +30,10 @@ from rich.progress import Progress
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_adapter_v2.config.schema import Config
+from llama_adapter_v2.data.demo import reading_tasks
 from llama_adapter_v2.data.formatting import segments
 from llama_adapter_v2.data.readers import read_coco, read_instructions
-from llama_adapter_v2.data.records import Record
+from llama_adapter_v2.data.records import Record, Turn
 from llama_adapter_v2.data.shards import split_of
 from llama_adapter_v2.data.tokenizer import train_tokenizer
 from llama_adapter_v2.train.optim import WarmupHalfCosine
@@ -59,6 +63,16 @@ def demo_records(cfg: Config, split: str | None = None) -> list[Record]:
         if split is None or split_of(record.split_key, cfg.data.holdout_fraction) == split:
             records.append(record)
     return records
+
+
+def reading_records(seed: int, count: int) -> list[Record]:
+    """``training.demo_base.reading_texts`` generated reading tasks as records of the base's corpus."""
+    return [
+        Record(id=f"demo-reading:{index}", source="demo-reading", kind="instruction", template="alpaca",
+               turns=(Turn("user", task["instruction"]), Turn("assistant", task["output"])),
+               input=task["input"])
+        for index, task in enumerate(reading_tasks(seed, count))
+    ]
 
 
 def templated_text(record: Record) -> str:
@@ -109,6 +123,7 @@ def train_demo_base(cfg: Config, records: list[Record] | None = None) -> DemoBas
     records = demo_records(cfg, split="train") if records is None else records
     if not records:
         raise ValueError("demo-base: the configured data sources hold no readable record")
+    records = records + reading_records(settings.seed, settings.reading_texts)
     started = time.perf_counter()
     staging = base.path.with_name(f".tmp-{base.path.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
