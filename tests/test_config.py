@@ -227,5 +227,6 @@ def test_layer_plan_puts_prompts_in_the_last_layers_and_visual_prompts_in_the_fi
 
 
 def test_additive_fusion_with_unequal_lengths_fails_at_load(tmp_path: Path, demo_raw: dict) -> None:
-    overrides = ("model.adapter.visual_fusion=additive", "model.adapter.visual.n_query=5")
+    overrides = ("model.adapter.visual_fusion=additive", "model.adapter.prompt_layers=2",
+                 "model.adapter.visual.n_query=5")
     assert error_keys(write(tmp_path, demo_raw), overrides) == ["model.adapter.visual.n_query"]
