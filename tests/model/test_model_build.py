@@ -191,7 +191,8 @@ def test_full_clip_folder_gives_the_vision_tower_and_its_projection(tmp_path: Pa
 
 def test_cli_reports_model_errors_without_a_traceback(tmp_path: Path) -> None:
     demo = str(REPO / "configs" / "demo.yaml")
-    overrides = ["--set", "model.adapter.visual_fusion=additive", "--set", "model.adapter.visual.n_query=5"]
+    overrides = ["--set", "model.adapter.visual_fusion=additive", "--set", "model.adapter.prompt_layers=2",
+                 "--set", "model.adapter.visual.n_query=5"]
     params = CliRunner().invoke(app, ["params", demo, *overrides])
     assert params.exit_code == 2
     assert "model.adapter.visual.n_query: additive fusion adds the 5 visual tokens" in params.output
