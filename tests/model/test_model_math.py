@@ -268,7 +268,7 @@ def test_visual_bridge_returns_the_projected_query_outputs() -> None:
     assert expected.shape == (2, 3, TINY_LLAMA["hidden_size"])
 
 
-def test_output_gain_scales_the_visual_prompts_and_nothing_else() -> None:
+def test_output_gain_scales_the_visual_prompts_exactly() -> None:
     """``visual.output_gain`` is the output LayerNorm's initial weight: with its bias at zero the
     prompts are exactly that many times the gain-1 prompts (a power of two multiplies exactly)."""
     clip_tokens = torch.randn(2, 17, 48, generator=_generator(61))

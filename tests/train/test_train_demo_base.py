@@ -11,7 +11,7 @@ from tiny_project import tiny_config
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llama_adapter_v2.data.demo import reading_tasks
-from llama_adapter_v2.train.demo_base import demo_records, plain_text, reading_records
+from llama_adapter_v2.train.demo_base import demo_records, plain_text, reading_records, train_demo_base
 
 # Recorded from a real run (30 steps of the tiny base on the tiny demo text, CPU, fp32).
 FIRST_LOSS, LAST_LOSS = 5.7658, 4.1934
@@ -56,3 +56,12 @@ def test_reading_records_are_read_as_question_scene_answer() -> None:
     for record, task in zip(records, reading_tasks(0, 8), strict=True):
         assert record.kind == "instruction" and record.input == task["input"]
         assert plain_text(record) == f"{task['instruction']}\n{task['input']}\n{task['output']}"
+
+
+def test_the_base_reads_the_configured_reading_texts_beside_the_demo_text(
+    tiny_project: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(tiny_project, tmp_path, "training.demo_base.reading_texts=8",
+                      "training.demo_base.steps=2", f"model.base.path={tmp_path / 'base'}")
+    result = train_demo_base(cfg)
+    assert result.n_texts == len(demo_records(cfg, split="train")) + 8
