@@ -4,8 +4,9 @@ a figure edited by hand, or a table left behind after a new run, fails here."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+
+from llama_adapter_v2.evaluate.ablations import Spread, spread_cell
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY = REPO / "docs" / "ablations.json"
@@ -26,19 +27,13 @@ def readme_ablation_rows() -> list[list[str]]:
     return rows
 
 
-def cell(spread: dict[str, float]) -> str:
-    """How the table writes a spread: one run is its value alone."""
-    if spread["runs"] == 1:
-        return f"{spread['mean']:.3f}"
-    return f"{spread['mean']:.3f} ± {spread['std']:.3f}"
-
-
 def test_readme_ablation_table_is_the_committed_summary() -> None:
     summary = json.loads(SUMMARY.read_text(encoding="utf-8"))
     rows = readme_ablation_rows()
     assert len(rows) == len(summary), f"README has {len(rows)} ablation rows, {SUMMARY.name} {len(summary)}"
     for (variant, metrics), cells in zip(summary.items(), rows, strict=True):
-        assert cells == [cell(metrics[name]) for name in COLUMNS], f"README's row for {variant}"
+        quoted = [spread_cell(Spread(**metrics[name])) for name in COLUMNS]
+        assert cells == quoted, f"README's row for {variant}"
 
 
 def test_every_ablated_variant_ran_three_seeds() -> None:
@@ -48,8 +43,3 @@ def test_every_ablated_variant_ran_three_seeds() -> None:
     assert runs.pop("zero-init") == 1
     assert set(runs.values()) == {3}, runs
 
-
-def test_the_cells_are_read_as_written() -> None:
-    """The parser itself: a row's cells after its label, with the ± kept."""
-    row = readme_ablation_rows()[1]
-    assert all(re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", value) for value in row), row

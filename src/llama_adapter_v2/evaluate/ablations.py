@@ -98,7 +98,8 @@ def spread_over_seeds(runs: Sequence[Mapping[str, float]]) -> dict[str, Spread]:
     return result
 
 
-def _cell(spread: Spread | None) -> str:
+def spread_cell(spread: Spread | None) -> str:
+    """A table cell: the mean alone for one run, mean ± std over seeds; empty when missing."""
     if spread is None or math.isnan(spread.mean):
         return ""
     return f"{spread.mean:.3f}" if spread.runs == 1 else f"{spread.mean:.3f} ± {spread.std:.3f}"
@@ -110,7 +111,7 @@ def ablation_table(rows: Mapping[str, Mapping[str, Spread]]) -> str:
     lines = [header, "|---" * (len(TABLE_COLUMNS) + 2) + "|"]
     for name, metrics in rows.items():
         runs = max((s.runs for s in metrics.values()), default=0)
-        cells = [_cell(metrics.get(key)) for key, _ in TABLE_COLUMNS]
+        cells = [spread_cell(metrics.get(key)) for key, _ in TABLE_COLUMNS]
         lines.append(f"| {name} | {runs} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
