@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llama_adapter_v2.config import Config, load_config
+from llama_adapter_v2.data.demo import generate_demo
+from llama_adapter_v2.data.shards import write_shards
+from llama_adapter_v2.train.demo_base import demo_records, train_demo_base
 
 TINY_STEPS = 12
 # Recorded from a real one-process run of the tiny config (12 steps, fp32, CPU; re-recorded on
@@ -65,3 +71,19 @@ def tiny_settings(root: Path) -> dict[str, Any]:
 
 def tiny_config(config_file: Path, output_dir: Path, *overrides: str) -> Config:
     return load_config(config_file, [f"training.output_dir={output_dir}", *overrides])
+
+
+def build_tiny_project(root: Path, settings: dict[str, Any]) -> Path:
+    """Demo data, caption/instruction shards and a demo base under ``root``; returns the config file."""
+    config_file = root / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+    cfg = Config.model_validate(settings)
+    generate_demo(cfg.data)
+    records = demo_records(cfg)
+    for kind in ("caption", "instruction"):
+        write_shards(records, cfg.data.work_dir / "shards" / kind, kind=kind,
+                     samples_per_shard=cfg.data.shards.samples_per_shard,
+                     holdout_fraction=cfg.data.holdout_fraction)
+    result = train_demo_base(cfg)
+    (root / "base_losses.json").write_text(json.dumps(result.losses))
+    return config_file
