@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import LlamaConfig
 
 from llama_adapter_v2.config import ConfigError, load_config, resolved_clip_arch, resolved_llama_arch
 from llama_adapter_v2.config.layer_plan import LayerPlan, plan_layers
@@ -155,6 +156,19 @@ def test_local_checkpoint_shape_is_checked(tmp_path: Path, demo_raw: dict) -> No
     del demo_raw["model"]["base"]["arch"]
     cfg = load_config(write(tmp_path, demo_raw))
     assert resolved_llama_arch(cfg).num_hidden_layers == 6
+
+
+def test_rope_theta_is_read_where_transformers_saves_it(tmp_path: Path, demo_raw: dict) -> None:
+    """transformers 5 writes ``rope_parameters: {rope_theta: ...}``, not a top-level ``rope_theta``:
+    read at the top level only, a Llama 3 base (500000) was taken for 10000 and its declared arch refused."""
+    arch = dict(demo_raw["model"]["base"]["arch"], rope_theta=500000.0)
+    LlamaConfig(**arch).save_pretrained(tmp_path / "base")
+    assert "rope_theta" not in json.loads((tmp_path / "base" / "config.json").read_text())
+    demo_raw["model"]["base"] |= {"path": str(tmp_path / "base"), "arch": arch}
+    cfg = load_config(write(tmp_path, demo_raw))
+    assert resolved_llama_arch(cfg).rope_theta == 500000.0
+    demo_raw["model"]["base"]["arch"] = dict(arch, rope_theta=10000.0)
+    assert error_keys(write(tmp_path, demo_raw)) == ["model.base.arch.rope_theta"]
 
 
 def test_non_llama_checkpoint_is_refused(tmp_path: Path, demo_raw: dict) -> None:

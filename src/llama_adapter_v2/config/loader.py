@@ -130,6 +130,9 @@ def checkpoint_llama_arch(folder: Path) -> tuple[LlamaArch | None, str | None]:
     if model_type not in LLAMA_MODEL_TYPES:
         return None, f"{folder} is not a Llama-family checkpoint (model_type={model_type!r})"
     fields = {k: data[k] for k in LlamaArch.model_fields if data.get(k) is not None}
+    rope = data.get("rope_parameters")
+    if "rope_theta" not in fields and isinstance(rope, dict) and rope.get("rope_theta") is not None:
+        fields["rope_theta"] = rope["rope_theta"]  # transformers 5 nests it (Llama 3's 500000 included)
     return LlamaArch(**fields), None
 
 
