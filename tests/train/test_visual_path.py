@@ -10,7 +10,7 @@ stage), visual prompts in every layer at 4x the LayerNorm's scale (configs/demo.
 It replaces a strict expected failure that measured nothing: on the shared tiny project (a
 tokenizer of 320 tokens) the caption prompt alone filled ``training.max_tokens_caption=48``, so
 every caption was cut to its end token and the right and the shuffled image gave the same loss
-whatever the model learned. ``_caption_loss`` now refuses batches whose captions were cut.
+whatever the model learned. The test now refuses measured batches whose captions were cut.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_caption_loss_with_the_right_image_is_clearly_below_a_shuffled_one(
     stream = trainer.streams["caption"]
     loader_args = {**stream.loader_args, "batch_size": 8}
     seen = list(itertools.islice(make_loader(stream.folder, epoch=0, **loader_args), 4))
-    assert all(batch.get("truncated", 0) == 0 for batch in seen)  # whole captions, not just their end
+    assert all(batch["truncated"] == 0 for batch in seen)  # whole captions, not just their end
     trainer.model.eval()
     before = (_caption_loss(trainer, seen, permute=False), _caption_loss(trainer, seen, permute=True))
     assert before[0] == before[1]  # zero-init gates: the image changes nothing yet
