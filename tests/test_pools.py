@@ -153,7 +153,8 @@ def _flow_runs(prefect_api: str, name: str) -> list[dict[str, Any]]:
 
 def _running_task(prefect_api: str, flow_run_id: str) -> set[str]:
     runs = _api(f"{prefect_api}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
-    return {run["name"] for run in runs if run["state"]["type"] == "RUNNING"}
+    # a task run the worker has just created may not have its first state yet (state: null)
+    return {run["name"] for run in runs if (run["state"] or {}).get("type") == "RUNNING"}
 
 
 @dataclass
