@@ -63,6 +63,15 @@ def test_tolerances_are_the_spread_of_the_runs_with_a_floor() -> None:
         measured_reference(runs, ["x"], 0.01)
 
 
+def test_every_run_measured_holds_against_the_rounded_figures() -> None:
+    # 2.45943 is stored as 2.4594; the far run is 0.41213 from the true first value but 0.41216 from
+    # the stored one: nearest-digit rounding gave 0.4121 and failed the run it came from
+    runs = [{"m": 2.45943, "n": 0.5}, {"m": 2.87156, "n": 0.50004}]
+    figures = measured_reference(runs, ["m", "n"], min_tolerance=0.0)
+    assert figures == {"m": ReferenceFigure(2.4594, 0.4122), "n": ReferenceFigure(0.5, 0.0001)}
+    assert all(deviations(run, figures) == [] for run in runs)
+
+
 @pytest.mark.parametrize("content, message", [
     ("{", "cannot read reference figures"),
     ("[]", "expected a non-empty JSON object"),

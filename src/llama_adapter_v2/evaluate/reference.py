@@ -92,7 +92,11 @@ def quoted_metrics() -> list[str]:
 def measured_reference(runs: list[dict[str, float]], names: list[str], min_tolerance: float
                        ) -> dict[str, ReferenceFigure]:
     """Figures from repeated runs: the first run's value, the largest distance of another run from it
-    as tolerance (at least ``min_tolerance``: runs on one machine may agree where other CPUs do not)."""
+    as tolerance (at least ``min_tolerance``: runs on one machine may agree where other CPUs do not).
+
+    The distances are taken from the stored (4-digit) value and rounded up, so every run the
+    figures were measured from holds against them; rounding both halves to the nearest digit left
+    the farthest run up to 1e-4 outside."""
     if len(runs) < 2:
         raise ReferenceFileError("measuring tolerances needs at least two runs' metrics")
     figures = {}
@@ -100,10 +104,16 @@ def measured_reference(runs: list[dict[str, float]], names: list[str], min_toler
         missing = [index for index, run in enumerate(runs) if name not in run]
         if missing:
             raise ReferenceFileError(f"{name}: not in the metrics of run(s) {missing}")
-        first = runs[0][name]
-        spread = max(abs(run[name] - first) for run in runs[1:])
-        figures[name] = ReferenceFigure(round(first, 4), round(max(spread, min_tolerance), 4))
+        value = round(runs[0][name], 4)
+        spread = max(abs(run[name] - value) for run in runs)
+        figures[name] = ReferenceFigure(value, _round_up(max(spread, min_tolerance)))
     return figures
+
+
+def _round_up(tolerance: float, digits: int = 4) -> float:
+    """Up to ``digits`` decimals, ignoring float noise below 1e-6 of a step (0.03 stays 0.03)."""
+    scale = 10**digits
+    return math.ceil(tolerance * scale - 1e-6) / scale
 
 
 def write_reference(path: Path, figures: dict[str, ReferenceFigure]) -> None:
