@@ -105,3 +105,59 @@ def sync_metrics(config: ConfigFile, overrides: Overrides = None) -> None:
         typer.echo(f"{path}: {delivered} delivered, {remaining} remaining")
     if any(remaining for _, remaining in outcome.values()):
         raise typer.Exit(code=1)
+
+
+def fit_answers(
+    config: ConfigFile,
+    overrides: Overrides = None,
+    *,
+    attributes: Annotated[str, typer.Option(help="Grounded questions to ask, comma-separated")] = (
+        "colour,shape,place,count,background"
+    ),
+    steps: Annotated[int, typer.Option(help="Optimizer steps")] = 500,
+    lr: Annotated[float, typer.Option(help="Learning rate")] = 3e-3,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9)")] = "adamw",
+    groups: Annotated[str, typer.Option(help="Parameter groups that train: visual, language or both")] = (
+        "visual,language"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Questions per step")] = 16,
+    eval_every: Annotated[int, typer.Option(help="Test the fixed scenes every N steps")] = 100,
+    one_shape: Annotated[bool, typer.Option("--one-shape", help="Only scenes of one shape")] = False,
+    seed: Annotated[int, typer.Option(help="Seeds the adapter's initialisation and the scenes drawn")] = 0,
+    adapter: Annotated[Path | None, typer.Option(help="Start from this adapter (default: zero-init)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the accuracy history here (JSON)")] = None,
+) -> None:
+    """Fit the adapter on answer words about freshly drawn demo scenes: what the visual path can learn
+    to read, question by question, free of the demo's data mix (README "What the demo model sees")."""
+    import json  # noqa: PLC0415 - lazy: CLI starts without torch
+
+    import torch  # noqa: PLC0415 - lazy, as above
+
+    from llama_adapter_v2.infer.loading import inference_model  # noqa: PLC0415 - lazy, as above
+    from llama_adapter_v2.model.build import load_tokenizer  # noqa: PLC0415 - lazy, as above
+    from llama_adapter_v2.train.answer_fit import AnswerFitError, AnswerFitSettings  # noqa: PLC0415 - lazy
+    from llama_adapter_v2.train.answer_fit import fit_answers as run_fit  # noqa: PLC0415 - lazy, as above
+
+    cfg = load_or_exit(config, overrides)
+    settings = AnswerFitSettings(
+        attributes=_names(attributes), steps=steps, lr=lr, optimizer=optimizer,  # type: ignore[arg-type]
+        groups=_names(groups), batch_size=batch_size, eval_every=eval_every,  # type: ignore[arg-type]
+        one_shape=one_shape, seed=seed, image_size=cfg.data.demo.image_size if cfg.data.demo else 64,
+    )
+    with errors_exit(AnswerFitError):
+        settings.check()
+        torch.manual_seed(seed)
+        model = inference_model(cfg, adapter)
+        history = run_fit(model, load_tokenizer(cfg), settings, report=_print_accuracy)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"settings": settings.__dict__, "history": history}, indent=1) + "\n")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _print_accuracy(row: dict[str, float]) -> None:
+    scores = "  ".join(f"{name} {value:.2f}" for name, value in row.items() if name != "step")
+    typer.echo(f"step {int(row['step']):>5}  {scores}")
