@@ -72,6 +72,14 @@ def test_every_run_measured_holds_against_the_rounded_figures() -> None:
     assert all(deviations(run, figures) == [] for run in runs)
 
 
+def test_a_run_on_the_edge_of_a_figure_is_put_strictly_inside() -> None:
+    # 0.656 - 0.566 is 0.09000000000000008 in floats: a tolerance of 0.09 failed a plain check
+    runs = [{"m": 0.566, "n": 0.3}, {"m": 0.656, "n": 0.33}, {"m": 0.6, "n": 0.31}]
+    figures = measured_reference(runs, ["m", "n"], min_tolerance=0.0)
+    assert figures == {"m": ReferenceFigure(0.566, 0.0901), "n": ReferenceFigure(0.3, 0.0301)}
+    assert all(abs(run[name] - figures[name].value) < figures[name].tolerance for run in runs for name in run)
+
+
 @pytest.mark.parametrize("content, message", [
     ("{", "cannot read reference figures"),
     ("[]", "expected a non-empty JSON object"),
